@@ -1,0 +1,363 @@
+"""The public API: one function per CLI command. Each validates its inputs before touching the
+store, so a bad input leaves the store exactly as it was."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from .data import SPOT_DIAMETER_UM, PatchGrid, SpotSet
+from .embed import embed_expression, embed_images, resolve_device
+from .errors import InputError, StoreError
+from .genes import check_genes, highly_variable_genes, read_gene_list
+from .impute import impute
+from .io.h5ad import read_h5ad
+from .io.slides import open_slide
+from .io.tables import read_positions
+from .io.write import check_output_path, write_predictions
+from .models import ModelConfig, backbone_input_stats, load_model
+from .patch import iter_patches, spot_patches, tile_grid
+from .search import build_filter, check_filter_values, search
+from .sql import run_sql
+from .store import Store, spot_rows
+from .train import train_model
+
+Log = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+# ---- references ---------------------------------------------------------------------------
+def read_reference(
+    path: str | Path,
+    *,
+    image: str | Path | None = None,
+    platform: str = "visium",
+    name: str | None = None,
+    mpp: float | None = None,
+) -> SpotSet:
+    """Read a reference dataset (an ``.h5ad`` in the Visium layout)."""
+    path = Path(path)
+    if path.suffix.lower() != ".h5ad":
+        raise InputError(f"unsupported reference {path}: expected an .h5ad file in the scanpy/squidpy Visium layout")
+    return read_h5ad(path, image=image, platform=platform, name=name, mpp=mpp)
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """How to train when a model is needed (``train``, or ``ingest`` into a store with none)."""
+
+    backbone: str = ModelConfig.backbone
+    weights: str | None = None
+    genes_file: str | None = None
+    n_genes: int = 256
+    patch_um: float = ModelConfig.patch_um
+    patch_px: int = ModelConfig.patch_px
+    epochs: int = ModelConfig.epochs
+    batch_size: int = ModelConfig.batch_size
+    lr: float = ModelConfig.lr
+    head_lr: float = ModelConfig.head_lr
+    seed: int = 0
+
+
+def _model_config(references: Sequence[SpotSet], options: TrainOptions) -> ModelConfig:
+    if options.genes_file:
+        genes = check_genes(references, read_gene_list(options.genes_file))
+    else:
+        genes = highly_variable_genes(references, options.n_genes)
+    mean, std = backbone_input_stats(options.backbone)
+    return ModelConfig(
+        backbone=options.backbone,
+        weights=str(options.weights or ""),
+        patch_um=options.patch_um,
+        patch_px=options.patch_px,
+        mean=mean,
+        std=std,
+        genes=tuple(genes),
+        seed=options.seed,
+        epochs=options.epochs,
+        batch_size=options.batch_size,
+        lr=options.lr,
+        head_lr=options.head_lr,
+    )
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    model_id: str
+    models_version: int
+    metrics: dict
+
+
+def train(
+    references: Sequence[SpotSet],
+    *,
+    db: str | Path,
+    options: TrainOptions = TrainOptions(),
+    device: str | None = None,
+    log: Log = _quiet,
+) -> TrainResult:
+    """Train a BLEEP model on ``references`` and register it (weights + config) in the store."""
+    if not references:
+        raise InputError("train needs at least one reference")
+    names = [r.name for r in references]
+    if len(set(names)) != len(names):
+        raise InputError(f"reference names repeat: {', '.join(names)}; give each a distinct --dataset name")
+    cfg = _model_config(references, options)
+    torch_device = resolve_device(device)
+    log(f"training {cfg.method} ({cfg.backbone}, {len(cfg.genes)} genes, {sum(r.n_obs for r in references)} spots) on {torch_device}")
+    result = train_model(
+        references,
+        cfg,
+        weights=options.weights,
+        device=torch_device,
+        progress=lambda e, n, loss: log(f"  epoch {e}/{n}  loss {loss:.4f}"),
+    )
+    store = Store(db, create=True)
+    model_id, version = store.add_model(result.model, cfg, metrics=result.metrics, train_datasets=names)
+    log(f"registered model {model_id} (models@{version})")
+    return TrainResult(model_id=model_id, models_version=version, metrics=result.metrics)
+
+
+# ---- ingest -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class IngestResult:
+    dataset: str
+    n_spots: int
+    spots_version: int
+    model_id: str
+    trained: bool
+
+
+def ingest(
+    reference: SpotSet,
+    *,
+    db: str | Path,
+    tissue: str,
+    platform: str,
+    species: str = "human",
+    model_id: str | None = None,
+    train_options: TrainOptions = TrainOptions(),
+    device: str | None = None,
+    batch_size: int = 64,
+    log: Log = _quiet,
+) -> IngestResult:
+    """Embed every spot of ``reference`` and write them to ``spots`` in one commit (one new table
+    version), replacing the dataset's earlier rows. Trains a model first if the store has none."""
+    for label, value in (("tissue", tissue), ("platform", platform), ("species", species)):
+        if not value or not value.strip():
+            raise InputError(f"--{label} must not be empty")
+    store_exists = Path(str(db)).exists() if "://" not in str(db) else True
+    store = Store(db, create=False) if store_exists else None
+    trained = False
+    if store is None or not store.models():
+        result = train([reference], db=db, options=train_options, device=device, log=log)
+        store = Store(db)
+        model_id, trained = result.model_id, True
+    record = store.model(model_id)
+    cfg = record.cfg
+    expression = reference.normalized(list(cfg.genes))  # fails early if genes are missing
+    torch_device = resolve_device(device)
+    model = load_model(cfg, record.weights_path, device=torch_device)
+    log(f"embedding {reference.n_obs} spots of {reference.name} with {record.model_id} on {torch_device}")
+    patches = spot_patches(reference, patch_um=cfg.patch_um, patch_px=cfg.patch_px)
+    image_emb = embed_images(model, (patches[i : i + batch_size] for i in range(0, len(patches), batch_size)), device=torch_device)
+    expr_emb = embed_expression(model, expression, device=torch_device)
+    rows = spot_rows(
+        spot_ids=reference.obs_names,
+        dataset=reference.name,
+        tissue=tissue,
+        platform=platform,
+        species=species,
+        xy=reference.xy,
+        mpp=reference.mpp,
+        image_embedding=image_emb,
+        expression_embedding=expr_emb,
+        expression=expression,
+        model_id=record.model_id,
+    )
+    version = store.replace_dataset(rows, reference.name)
+    log(f"wrote {reference.n_obs} spots of {reference.name} (spots@{version})")
+    return IngestResult(dataset=reference.name, n_spots=reference.n_obs, spots_version=version, model_id=record.model_id, trained=trained)
+
+
+# ---- query --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class QueryResult:
+    run_id: str
+    slide: str
+    model_id: str
+    spots_version: int
+    predictions_version: int
+    n_tiles: int
+    genes: tuple[str, ...] = field(repr=False)
+    ids: np.ndarray = field(repr=False)
+    xy: np.ndarray = field(repr=False)
+    predictions: np.ndarray = field(repr=False)
+    out: Path | None = None
+    filter: str = ""
+    seconds: float = 0.0
+
+
+def _query_model(store: Store, version: int | None, model_id: str | None):
+    if model_id is not None:
+        return store.model(model_id)
+    present = set(store.distinct("spots", "model_id", version=version))
+    candidates = [m for m in store.models() if m.model_id in present]
+    if not candidates:
+        raise StoreError(f"spots@{version or 'latest'} holds no spots of any registered model; ingest a reference first")
+    return candidates[-1]
+
+
+def query(
+    slide_path: str | Path,
+    *,
+    db: str | Path,
+    tissue: str | None = None,
+    platform: str | None = None,
+    species: str | None = None,
+    where: str | None = None,
+    k: int = 50,
+    out: str | Path | None = None,
+    mpp: float | None = None,
+    as_of: int | str | None = None,
+    spots: str | Path | None = None,
+    model_id: str | None = None,
+    device: str | None = None,
+    batch_size: int = 64,
+    log: Log = _quiet,
+) -> QueryResult:
+    """Impute expression over a slide (tissue tiles of the model's patch size, or the positions in
+    ``spots``) by top-k retrieval against the reference expression embeddings."""
+    started = time.perf_counter()
+    if out is not None:
+        out = check_output_path(out)
+    if k < 1:
+        raise InputError(f"--k must be at least 1, got {k}")
+    store = Store(db)
+    version = int(as_of) if as_of is not None and str(as_of).isdigit() else as_of
+    spots_tbl = store.table("spots", version=version)
+    version = spots_tbl.version
+    record = _query_model(store, version, model_id)
+    cfg = record.cfg
+    check_filter_values(store, version=version, model_id=record.model_id, tissue=tissue, platform=platform, species=species)
+    predicate = build_filter(model_id=record.model_id, tissue=tissue, platform=platform, species=species, where=where)
+
+    slide = open_slide(slide_path, mpp=mpp)
+    try:
+        if spots is not None:
+            ids, xy = read_positions(spots)
+            if slide.mpp is None:
+                raise InputError(f"{Path(slide_path).name} has no pixel size (µm per pixel) in its metadata; pass --mpp")
+            grid = PatchGrid(ids=ids, xy=xy, mpp=slide.mpp)
+            id_column = "spot"
+        else:
+            grid = tile_grid(slide, tile_um=cfg.patch_um)
+            id_column = "tile_id"
+        log(f"{len(grid)} {'spots' if spots is not None else 'tissue tiles'} of {cfg.patch_um:g} µm on {Path(slide_path).name} ({slide.mpp:.3g} µm/px)")
+        torch_device = resolve_device(device)
+        model = load_model(cfg, record.weights_path, device=torch_device)
+        batches = iter_patches(slide, grid.xy, side_px=cfg.patch_um / grid.mpp, out_px=cfg.patch_px, batch_size=batch_size)
+        embeddings = embed_images(model, batches, device=torch_device)
+    finally:
+        slide.close()
+
+    hits, references = search(store, embeddings, where=predicate, k=k, version=version)
+    predicted = impute(hits, references.expression)
+
+    run_id = uuid.uuid4().hex[:12]
+    slide_name = Path(slide_path).name
+    provenance = {
+        "run_id": run_id,
+        "slide": slide_name,
+        "slide_path": str(Path(slide_path).resolve()),
+        "model_id": record.model_id,
+        "spots_version": references.spots_version,
+        "filter": predicate,
+        "k": hits.k,
+        "mpp": grid.mpp,
+        "patch_um": cfg.patch_um,
+        "normalisation": cfg.normalisation,
+        "created_at": datetime.now(timezone.utc).isoformat(),
+    }
+    if out is not None:
+        write_predictions(out, ids=grid.ids, id_column=id_column, slide=slide_name, xy=grid.xy, mpp=grid.mpp, genes=list(cfg.genes), values=predicted, provenance=provenance)
+    n = len(grid)
+    n_genes = predicted.shape[1]
+    rows = pa.table(
+        {
+            "run_id": [run_id] * n,
+            "slide": [slide_name] * n,
+            "tile_id": grid.ids.astype(str),
+            "x": grid.xy[:, 0],
+            "y": grid.xy[:, 1],
+            "x_um": grid.xy[:, 0] * grid.mpp,
+            "y_um": grid.xy[:, 1] * grid.mpp,
+            "model_id": [record.model_id] * n,
+            "spots_version": np.full(n, references.spots_version, np.int64),
+            "filter": [predicate] * n,
+            "k": np.full(n, hits.k, np.int32),
+            "created_at": pa.array([datetime.now(timezone.utc)] * n, pa.timestamp("us", tz="UTC")),
+            "expression": pa.ListArray.from_arrays(pa.array(np.arange(0, (n + 1) * n_genes, n_genes, dtype=np.int32)), pa.array(predicted.ravel())),
+        }
+    )
+    predictions_version = store.add_predictions(rows)
+    log(f"predicted {n_genes} genes for {n} tiles (k={hits.k}, spots@{references.spots_version}); predictions@{predictions_version}")
+    return QueryResult(
+        run_id=run_id,
+        slide=slide_name,
+        model_id=record.model_id,
+        spots_version=references.spots_version,
+        predictions_version=predictions_version,
+        n_tiles=n,
+        genes=cfg.genes,
+        ids=grid.ids,
+        xy=grid.xy,
+        predictions=predicted,
+        out=Path(out) if out else None,
+        filter=predicate,
+        seconds=time.perf_counter() - started,
+    )
+
+
+# ---- SQL and overview ---------------------------------------------------------------------
+def sql(statement: str, *, db: str | Path | None) -> pa.Table:
+    """Run a DuckDB statement over the store's tables (spots, predictions, models and the
+    predictions_long / spots_long views) and any Parquet files it names."""
+    store = None
+    if db is not None and (("://" in str(db)) or Path(str(db)).exists()):
+        store = Store(db)
+    return run_sql(store, statement)
+
+
+def versions(*, db: str | Path) -> dict[str, list[dict]]:
+    return Store(db).versions()
+
+
+def info(*, db: str | Path) -> dict:
+    return Store(db).info()
+
+
+__all__ = [
+    "TrainOptions",
+    "TrainResult",
+    "IngestResult",
+    "QueryResult",
+    "read_reference",
+    "train",
+    "ingest",
+    "query",
+    "sql",
+    "versions",
+    "info",
+    "SPOT_DIAMETER_UM",
+]

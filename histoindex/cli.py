@@ -1,0 +1,323 @@
+"""The ``histoindex`` command line: a thin shell over :mod:`histoindex.api`.
+
+Each command parses its options, makes one API call and renders the result; every
+``HistoindexError`` becomes ``Error: ...`` with exit code 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__, api
+from .errors import HistoindexError, HistoindexWarning
+
+console = Console(stderr=True, highlight=False)
+
+
+def _default_db() -> str:
+    return os.environ.get("HISTOINDEX_DB", "histoindex.db")
+
+
+def _log(message: str) -> None:
+    console.print(message, markup=False)
+
+
+def handle_errors(fn):
+    """Turn library errors into click errors (one place, one shape)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except HistoindexError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return wrapper
+
+
+def db_option(fn):
+    return click.option(
+        "--db",
+        default=_default_db,
+        show_default="$HISTOINDEX_DB or ./histoindex.db",
+        help="Store location: a directory or a LanceDB URI.",
+    )(fn)
+
+
+def device_option(fn):
+    return click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:1 ...")(fn)
+
+
+def reference_options(fn):
+    for option in reversed(
+        [
+            click.option("--image", type=click.Path(dir_okay=False), help="Full-resolution H&E (overrides the path recorded in the h5ad)."),
+            click.option("--mpp", type=float, help="Micrometres per full-resolution pixel (overrides image metadata and spot size)."),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
+def training_options(fn):
+    """Options that shape a new model (used by train, and by ingest when the store has none)."""
+    defaults = api.TrainOptions()
+    for option in reversed(
+        [
+            click.option("--genes", "genes_file", type=click.Path(dir_okay=False), help="Gene panel: one symbol per line."),
+            click.option("--n-genes", type=int, default=defaults.n_genes, show_default=True, help="Else: this many highly variable genes of the training references."),
+            click.option("--backbone", default=defaults.backbone, show_default=True, help="Any timm model name (hf-hub:... names need network)."),
+            click.option("--weights", help="Backbone weights: a local .safetensors/.pth file, or 'timm' to download timm's."),
+            click.option("--patch-um", type=float, default=defaults.patch_um, show_default=True, help="Patch side in micrometres."),
+            click.option("--patch-px", type=int, default=defaults.patch_px, show_default=True, help="Patch side in pixels fed to the backbone."),
+            click.option("--epochs", type=int, default=defaults.epochs, show_default=True),
+            click.option("--batch-size", type=int, default=defaults.batch_size, show_default=True),
+            click.option("--lr", type=float, default=defaults.lr, show_default=True, help="Backbone learning rate (AdamW)."),
+            click.option("--head-lr", type=float, default=defaults.head_lr, show_default=True, help="Projection heads' learning rate."),
+            click.option("--seed", type=int, default=defaults.seed, show_default=True),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
+def _train_options(kwargs: dict) -> api.TrainOptions:
+    keys = ("genes_file", "n_genes", "backbone", "weights", "patch_um", "patch_px", "epochs", "batch_size", "lr", "head_lr", "seed")
+    return api.TrainOptions(**{k: kwargs[k] for k in keys})
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="histoindex")
+def cli() -> None:
+    """Predict spatial gene expression from H&E slides with a versioned embedding index."""
+
+
+@cli.command()
+@click.argument("references", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@db_option
+@click.option("--platform", default="visium", show_default=True, help="visium or st (sets the spot size used for pixel size).")
+@reference_options
+@training_options
+@device_option
+@handle_errors
+def train(references, db, platform, image, mpp, device, **kwargs):
+    """Train a BLEEP model on reference datasets and register it in the store.
+
+    Example:
+
+        histoindex train liver1.h5ad liver2.h5ad --n-genes 500 --epochs 20 --db liver.db
+    """
+    if image and len(references) > 1:
+        raise click.UsageError("--image applies to a single reference")
+    refs = [api.read_reference(r, image=image, platform=platform, mpp=mpp) for r in references]
+    result = api.train(refs, db=db, options=_train_options(kwargs), device=device, log=_log)
+    click.echo(result.model_id)
+
+
+@cli.command()
+@click.argument("reference", type=click.Path(dir_okay=False))
+@click.option("--tissue", required=True, help="Tissue label, used as a query filter.")
+@click.option("--platform", default="visium", show_default=True, help="visium, st, ...")
+@click.option("--species", default="human", show_default=True)
+@click.option("--dataset", help="Dataset name (default: file name without extension).")
+@click.option("--model", "model_id", help="Model to embed with (default: the newest).")
+@db_option
+@reference_options
+@training_options
+@device_option
+@handle_errors
+def ingest(reference, tissue, platform, species, dataset, model_id, db, image, mpp, device, **kwargs):
+    """Embed a reference dataset's spots and write them to the store (one new version).
+
+    Trains a model first when the store has none. Re-ingesting a dataset replaces its rows.
+
+    Example:
+
+        histoindex ingest liver_visium.h5ad --tissue liver --platform visium --db liver.db
+    """
+    ref = api.read_reference(reference, image=image, platform=platform, name=dataset, mpp=mpp)
+    result = api.ingest(ref, db=db, tissue=tissue, platform=platform, species=species, model_id=model_id, train_options=_train_options(kwargs), device=device, log=_log)
+    click.echo(f"{result.dataset}: {result.n_spots} spots, spots@{result.spots_version}, model {result.model_id}")
+
+
+@cli.command()
+@click.argument("slide", type=click.Path(dir_okay=False))
+@click.option("--tissue", help="Only reference spots of this tissue.")
+@click.option("--platform", help="Only reference spots of this platform.")
+@click.option("--species", help="Only reference spots of this species.")
+@click.option("--where", help="Extra SQL filter on the spots table, e.g. \"dataset IN ('a', 'b')\".")
+@click.option("--k", type=int, default=50, show_default=True, help="Neighbours averaged per tile.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write predictions to .parquet or .h5ad.")
+@click.option("--mpp", type=float, help="Micrometres per pixel, when the slide has none (or to override it).")
+@click.option("--as-of", help="Search the spots table as of this version (number or tag).")
+@click.option("--spots", "spots_file", type=click.Path(dir_okay=False), help="Predict at these positions: .h5ad, or CSV/Parquet with spot,x,y.")
+@click.option("--model", "model_id", help="Model id (default: the newest with ingested spots).")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@db_option
+@device_option
+@handle_errors
+def query(slide, tissue, platform, species, where, k, out, mpp, as_of, spots_file, model_id, batch_size, db, device):
+    """Impute expression over a slide by retrieval from the reference.
+
+    Example:
+
+        histoindex query slide.svs --tissue liver --out slide.parquet --db liver.db
+    """
+    result = api.query(
+        slide, db=db, tissue=tissue, platform=platform, species=species, where=where, k=k, out=out, mpp=mpp,
+        as_of=as_of, spots=spots_file, model_id=model_id, device=device, batch_size=batch_size, log=_log,
+    )
+    target = f" → {result.out}" if result.out else ""
+    click.echo(f"{result.n_tiles} tiles × {len(result.genes)} genes, run {result.run_id}, spots@{result.spots_version}, predictions@{result.predictions_version}{target}")
+
+
+def _render(table, fmt: str) -> None:
+    if fmt == "json":
+        click.echo(json.dumps(table.to_pylist(), default=str, indent=1))
+        return
+    if fmt == "csv":
+        import pyarrow.csv as pacsv
+
+        import pyarrow as pa
+
+        flat = table
+        for i, field in enumerate(table.schema):  # CSV has no nested types: write them as JSON text
+            if pa.types.is_nested(field.type):
+                flat = flat.set_column(i, field.name, pa.array([json.dumps(v, default=str) for v in table.column(i).to_pylist()]))
+        sink = io.BytesIO()
+        pacsv.write_csv(flat, sink)
+        click.echo(sink.getvalue().decode(), nl=False)
+        return
+    out = Table(show_lines=False)
+    for name in table.column_names:
+        out.add_column(name)
+    for row in table.to_pylist():
+        out.add_row(*[_cell(v) for v in row.values()])
+    Console().print(out)
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, list):
+        shown = ", ".join(_cell(v) for v in value[:4])
+        return f"[{shown}{', …' if len(value) > 4 else ''}] ({len(value)})"
+    return str(value)
+
+
+@cli.command()
+@click.argument("statement")
+@db_option
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@handle_errors
+def sql(statement, db, fmt):
+    """Run SQL (DuckDB) over the store: tables spots, predictions, models; views predictions_long
+    and spots_long (one row per gene); and any Parquet file named in the query.
+
+    Example:
+
+        histoindex sql "SELECT slide, avg(value) FROM predictions_long WHERE gene = 'FASN' GROUP BY slide"
+    """
+    _render(api.sql(statement, db=db), fmt)
+
+
+@cli.command()
+@db_option
+@handle_errors
+def versions(db):
+    """List every version of every table, with row counts and tags.
+
+    Example:
+
+        histoindex versions --db liver.db
+    """
+    for name, rows in api.versions(db=db).items():
+        table = Table(title=name)
+        for column in ("version", "timestamp", "rows", "tags"):
+            table.add_column(column)
+        for row in rows:
+            table.add_row(str(row["version"]), str(row["timestamp"])[:19], str(row["rows"]), ", ".join(row["tags"]))
+        Console().print(table)
+
+
+@cli.command()
+@db_option
+@handle_errors
+def info(db):
+    """Summarise the store: tables, versions, indexes, datasets and models.
+
+    Example:
+
+        histoindex info --db liver.db
+    """
+    summary = api.info(db=db)
+    out = Console()
+    out.print(f"store: {summary['uri']}")
+    tables = Table(title="tables")
+    for column in ("table", "version", "rows", "indexes"):
+        tables.add_column(column)
+    for name, t in summary["tables"].items():
+        tables.add_row(name, str(t["version"]), str(t["rows"]), ", ".join(t["indexes"]))
+    out.print(tables)
+    if summary["datasets"]:
+        datasets = Table(title="datasets")
+        for column in summary["datasets"][0]:
+            datasets.add_column(column)
+        for row in summary["datasets"]:
+            datasets.add_row(*map(str, row.values()))
+        out.print(datasets)
+    models = Table(title="models")
+    for column in ("model_id", "backbone", "genes", "trained_on", "created_at"):
+        models.add_column(column)
+    for m in summary["models"]:
+        models.add_row(m["model_id"], m["backbone"], str(m["genes"]), ", ".join(m["trained_on"]), str(m["created_at"])[:19])
+    out.print(models)
+
+
+@cli.command()
+@click.option("--workdir", type=click.Path(file_okay=False), default="histoindex-demo", show_default=True)
+@device_option
+@handle_errors
+def demo(workdir, device):
+    """Run the whole pipeline on built-in synthetic data: train, ingest, query a held-out
+    pyramidal TIFF, SQL, and score the predictions against the held-out truth.
+
+    Example:
+
+        histoindex demo --workdir /tmp/histoindex-demo
+    """
+    from .demo import run_demo
+
+    result = run_demo(workdir, device=device, log=_log)
+    click.echo(
+        f"held-out Pearson r (mean over {result.n_heldout_spots} spots' genes): {result.heldout_r:.3f} "
+        f"(signature genes {result.heldout_r_markers:.3f}; a constant predictor scores 0)\n"
+        f"held-out MSE: model {result.mse_model:.3f} vs constant (training mean) {result.mse_constant:.3f}\n"
+        f"store: {result.db}  |  {result.seconds:.0f} s"
+    )
+
+
+def main() -> None:
+    original = warnings.formatwarning
+
+    def fmt(message, category, filename, lineno, line=None):
+        if issubclass(category, HistoindexWarning):
+            return f"Warning: {message}\n"
+        return original(message, category, filename, lineno, line)
+
+    warnings.formatwarning = fmt
+    cli(prog_name="histoindex")
+
+
+if __name__ == "__main__":
+    main()

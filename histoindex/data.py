@@ -1,0 +1,143 @@
+"""The data model: spots with expression and positions, grids of tiles, search hits.
+
+Readers turn files into these types and writers turn them back into files; nothing here does I/O
+beyond what the types point to. Alignment (one row per spot in every per-spot array) is checked
+when an object is built, so a bad reader fails at the file it read, not three stages later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from .errors import InputError
+
+#: physical spot diameter per platform, micrometres (used when the image has no pixel size)
+SPOT_DIAMETER_UM = {"visium": 55.0, "st": 100.0}
+
+NORMALISATION = "log1p_cp10k"  # per-spot total-count normalisation to 1e4, then log1p
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Where a spot set's H&E lives and how its coordinates map onto it.
+
+    ``scale`` maps full-resolution pixel coordinates to this image's pixels (1.0 for the full
+    resolution image, ``tissue_hires_scalef`` for a Space Ranger hires image). ``array`` holds an
+    in-memory image (e.g. the hires image stored in an h5ad) when there is no file.
+    """
+
+    path: Path | None = None
+    scale: float = 1.0
+    array: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.path is None and self.array is None:
+            raise InputError("an ImageRef needs a path or an array")
+
+
+@dataclass(frozen=True)
+class SpotSet:
+    """Spots (obs) × genes (var) with positions on one H&E image.
+
+    Attributes
+    ----------
+    name: dataset name.
+    X: expression, n_obs × n_vars (dense or scipy sparse); raw counts when ``is_counts``, else
+        already log-normalised values.
+    obs_names, var_names: spot ids and gene symbols.
+    xy: spot centres in full-resolution image pixels, n_obs × 2 (x, y).
+    mpp: micrometres per full-resolution pixel.
+    image: the H&E image the positions refer to.
+    spot_diameter_px: spot diameter in full-resolution pixels, if known.
+    """
+
+    name: str
+    X: np.ndarray | sp.spmatrix = field(repr=False)
+    obs_names: np.ndarray = field(repr=False)
+    var_names: np.ndarray = field(repr=False)
+    xy: np.ndarray = field(repr=False)
+    mpp: float
+    image: ImageRef
+    is_counts: bool
+    spot_diameter_px: float | None = None
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        n_obs, n_vars = self.X.shape
+        where = f" in {self.source}" if self.source else ""
+        if len(self.obs_names) != n_obs:
+            raise InputError(f"{len(self.obs_names)} spot ids for {n_obs} expression rows{where}")
+        if len(self.var_names) != n_vars:
+            raise InputError(f"{len(self.var_names)} gene names for {n_vars} expression columns{where}")
+        if self.xy.shape != (n_obs, 2):
+            raise InputError(f"spot positions have shape {self.xy.shape}, expected ({n_obs}, 2){where}")
+        if not np.isfinite(self.xy).all():
+            raise InputError(f"spot positions contain NaN or infinite values{where}")
+        if not (np.isfinite(self.mpp) and self.mpp > 0):
+            raise InputError(f"pixel size must be a positive number of micrometres, got {self.mpp}{where}")
+        if len(set(self.obs_names)) != n_obs:
+            raise InputError(f"spot ids are not unique{where}")
+        if n_obs == 0:
+            raise InputError(f"no spots{where}")
+
+    @property
+    def n_obs(self) -> int:
+        return self.X.shape[0]
+
+    @property
+    def n_vars(self) -> int:
+        return self.X.shape[1]
+
+    def normalized(self, genes: list[str] | None = None) -> np.ndarray:
+        """Expression as float32 log1p(counts per 1e4) (or as stored if already normalised),
+        restricted to ``genes`` in that order (genes absent here are an error)."""
+        X = self.X
+        if self.is_counts:
+            totals = np.asarray(X.sum(axis=1)).ravel().astype(np.float64)
+            totals[totals == 0] = 1.0
+            X = sp.diags(1e4 / totals) @ X if sp.issparse(X) else X * (1e4 / totals)[:, None]
+        if genes is not None:
+            index = {g: i for i, g in enumerate(self.var_names)}
+            missing = [g for g in genes if g not in index]
+            if missing:
+                raise InputError(
+                    f"{len(missing)} of the model's genes are missing from {self.source or self.name} "
+                    f"(e.g. {', '.join(missing[:5])})"
+                )
+            X = X[:, [index[g] for g in genes]]
+        X = X.toarray() if sp.issparse(X) else np.asarray(X)
+        X = X.astype(np.float32)
+        return np.log1p(X) if self.is_counts else X
+
+
+@dataclass(frozen=True)
+class PatchGrid:
+    """Positions at which to cut patches from a slide: ids and centres in level-0 pixels."""
+
+    ids: np.ndarray
+    xy: np.ndarray
+    mpp: float
+
+    def __post_init__(self) -> None:
+        if self.xy.shape != (len(self.ids), 2):
+            raise InputError(f"grid positions have shape {self.xy.shape}, expected ({len(self.ids)}, 2)")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
+class Hits:
+    """Top-k neighbours per query: row positions into a reference block, and cosine similarities."""
+
+    indices: np.ndarray  # n_query × k, int64 positions into the reference arrays
+    similarities: np.ndarray  # n_query × k, float32
+    spots_version: int
+
+    @property
+    def k(self) -> int:
+        return self.indices.shape[1]

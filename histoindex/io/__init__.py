@@ -1,0 +1,9 @@
+"""Readers and writers between files and histoindex's data types."""
+
+from __future__ import annotations
+
+from .h5ad import read_h5ad, write_h5ad
+from .slides import open_slide, write_pyramidal_tiff
+from .tables import read_positions
+
+__all__ = ["read_h5ad", "write_h5ad", "open_slide", "write_pyramidal_tiff", "read_positions"]

@@ -1,0 +1,23 @@
+"""Model families, their registry and factory. Importing this package registers every family."""
+
+from __future__ import annotations
+
+from . import bleep  # noqa: F401  (registers the family)
+from ._config import ModelConfig
+from ._factory import create_model, load_model, save_weights, state_digest
+from ._registry import is_model, list_models, register_model
+from .backbones import backbone_input_stats, create_backbone, load_backbone_weights
+
+__all__ = [
+    "ModelConfig",
+    "create_model",
+    "load_model",
+    "save_weights",
+    "state_digest",
+    "is_model",
+    "list_models",
+    "register_model",
+    "backbone_input_stats",
+    "create_backbone",
+    "load_backbone_weights",
+]

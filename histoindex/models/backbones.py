@@ -1,0 +1,83 @@
+"""Image backbones: any timm model by name, with weights from timm's hub or from a local file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .._compat import import_timm
+from ..errors import InputError, UnknownModel
+
+
+def create_backbone(name: str, *, pretrained: bool = False) -> nn.Module:
+    """A timm model with its classifier removed and global average pooling, so ``forward`` returns
+    pooled features of size ``num_features``. ``hf-hub:org/name`` names work for users online."""
+    timm = import_timm()
+    if not name.startswith(("hf-hub:", "local-dir:")) and not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0][:12]}*")[:8]
+        hint = f"; similar: {', '.join(close)}" if close else ""
+        raise UnknownModel(f"unknown timm backbone {name!r}{hint}")
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=0, global_pool="avg")
+    except Exception as exc:
+        if pretrained:
+            raise InputError(
+                f"could not fetch pretrained weights for {name!r} ({exc}); offline, pass --weights FILE instead"
+            ) from exc
+        raise
+
+
+def backbone_input_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The input mean/std timm records for this backbone's pretrained weights."""
+    timm = import_timm()
+    try:
+        cfg = timm.get_pretrained_cfg(name.split(":")[-1]) if not name.startswith("hf-hub:") else None
+    except Exception:
+        cfg = None
+    if cfg is None:
+        return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    return tuple(cfg.mean), tuple(cfg.std)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors file or a torch checkpoint loaded with ``weights_only=True``."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(f"cannot read weights {path}: {exc}") from exc
+    for wrapper in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"{path} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
+    """Load local pretrained weights into a backbone; the classifier is dropped, every other key
+    must match (names and shapes), so a wrong file fails loudly instead of training from noise."""
+    state = read_state_dict(path)
+    classifier = getattr(backbone, "pretrained_cfg", {}).get("classifier") or "classifier"
+    heads = (classifier, "fc", "head", "classifier")
+    state = {k: v for k, v in state.items() if not k.startswith(tuple(f"{h}." for h in heads))}
+    own = backbone.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong_shape = [k for k in state if k in own and own[k].shape != state[k].shape]
+    if missing or unexpected or wrong_shape:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+            if keys:
+                parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
+        raise InputError(f"weights {path} do not fit this backbone: " + "; ".join(parts))
+    backbone.load_state_dict(state, strict=True)

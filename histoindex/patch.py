@@ -1,0 +1,105 @@
+"""From positions to pixels: patches of a fixed physical size, tissue detection, tiling grids."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from .data import PatchGrid, SpotSet
+from .errors import InputError, MissingPixelSize
+from .io.slides import ArraySlide, Slide, open_slide
+
+
+def open_spot_image(spots: SpotSet) -> Slide:
+    """The image a SpotSet's positions refer to."""
+    if spots.image.array is not None:
+        return ArraySlide(spots.image.array)
+    return open_slide(spots.image.path)
+
+
+def iter_patches(
+    slide: Slide,
+    xy: np.ndarray,
+    *,
+    side_px: float,
+    out_px: int,
+    scale: float = 1.0,
+    batch_size: int = 64,
+) -> Iterator[np.ndarray]:
+    """Yield uint8 batches (b, out_px, out_px, 3) of squares of ``side_px`` (level-0 pixels of the
+    coordinate frame) centred on ``xy``; ``scale`` maps those coordinates onto ``slide``'s pixels."""
+    for start in range(0, len(xy), batch_size):
+        chunk = xy[start : start + batch_size] * scale
+        size = side_px * scale
+        yield np.stack([slide.read_region(x - size / 2, y - size / 2, size, out_px) for x, y in chunk])
+
+
+def spot_patches(spots: SpotSet, *, patch_um: float, patch_px: int) -> np.ndarray:
+    """All patches of a SpotSet as one uint8 array (n_obs, patch_px, patch_px, 3)."""
+    slide = open_spot_image(spots)
+    try:
+        side = patch_um / spots.mpp
+        return np.concatenate(list(iter_patches(slide, spots.xy, side_px=side, out_px=patch_px, scale=spots.image.scale)))
+    finally:
+        slide.close()
+
+
+def otsu_threshold(values: np.ndarray) -> float:
+    """Otsu's threshold for values in [0, 255]."""
+    hist = np.bincount(np.clip(values.ravel(), 0, 255).astype(np.int64), minlength=256).astype(np.float64)
+    total = hist.sum()
+    if total == 0:
+        return 0.0
+    bins = np.arange(256, dtype=np.float64)
+    w0 = np.cumsum(hist)
+    w1 = total - w0
+    m0 = np.cumsum(hist * bins)
+    mu0 = np.divide(m0, w0, out=np.zeros_like(m0), where=w0 > 0)
+    mu1 = np.divide(m0[-1] - m0, w1, out=np.zeros_like(m0), where=w1 > 0)
+    between = w0 * w1 * (mu0 - mu1) ** 2
+    return float(np.argmax(between))
+
+
+def tissue_mask(thumbnail: np.ndarray) -> np.ndarray:
+    """Boolean tissue mask of an RGB thumbnail: Otsu on saturation (H&E stain is coloured, glass
+    and background are grey/white), with near-white and near-black pixels excluded."""
+    rgb = thumbnail.astype(np.int16)
+    saturation = (rgb.max(axis=-1) - rgb.min(axis=-1)).astype(np.uint8)
+    threshold = max(otsu_threshold(saturation), 8.0)  # a blank slide has no contrast to split
+    brightness = rgb.mean(axis=-1)
+    return (saturation > threshold) & (brightness < 245) & (brightness > 20)
+
+
+def tile_grid(slide: Slide, *, tile_um: float, min_tissue: float = 0.5, thumb_side: int = 2048) -> PatchGrid:
+    """Tiles of ``tile_um`` µm on a regular grid over the slide, kept where at least ``min_tissue``
+    of the tile is tissue. Ids are ``r{row}_c{col}``; centres are level-0 pixels."""
+    if slide.mpp is None:
+        name = slide.path.name if slide.path else "the image"
+        raise MissingPixelSize(
+            f"{name} has no pixel size (µm per pixel) in its metadata; pass --mpp (e.g. --mpp 0.5 for a 20x scan)"
+        )
+    side = tile_um / slide.mpp
+    n_cols, n_rows = int(slide.width // side), int(slide.height // side)
+    if n_cols == 0 or n_rows == 0:
+        raise InputError(
+            f"the slide ({slide.width}×{slide.height} px at {slide.mpp:.3g} µm/px) is smaller than one {tile_um:g} µm tile"
+        )
+    thumb = slide.thumbnail(thumb_side)
+    mask = tissue_mask(thumb)
+    sy, sx = thumb.shape[0] / slide.height, thumb.shape[1] / slide.width
+    rows, cols, fractions = [], [], []
+    for r in range(n_rows):
+        y0, y1 = int(r * side * sy), max(int((r + 1) * side * sy), int(r * side * sy) + 1)
+        for c in range(n_cols):
+            x0, x1 = int(c * side * sx), max(int((c + 1) * side * sx), int(c * side * sx) + 1)
+            fractions.append(mask[y0:y1, x0:x1].mean())
+            rows.append(r)
+            cols.append(c)
+    keep = np.asarray(fractions) >= min_tissue
+    rows, cols = np.asarray(rows)[keep], np.asarray(cols)[keep]
+    xy = np.stack([(cols + 0.5) * side, (rows + 0.5) * side], axis=1).astype(np.float64)
+    ids = np.asarray([f"r{r}_c{c}" for r, c in zip(rows, cols)], dtype=str)
+    if len(ids) == 0:
+        raise InputError(f"no tissue found on {slide.path.name if slide.path else 'the image'} (Otsu on a thumbnail)")
+    return PatchGrid(ids=ids, xy=xy.reshape(-1, 2), mpp=slide.mpp)

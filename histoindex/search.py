@@ -1,0 +1,106 @@
+"""Top-k search of query image embeddings against the reference expression embeddings, with the
+filter pushed down into LanceDB (prefilter), in one batched call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .data import Hits
+from .errors import StoreError, UnknownValue
+from .store import Store, sql_literal
+
+
+@dataclass(frozen=True)
+class ReferenceBlock:
+    """The filtered reference rows a search may return: their LanceDB row ids (sorted) and
+    expression profiles, read once at one table version."""
+
+    row_ids: np.ndarray
+    expression: np.ndarray
+    spots_version: int
+
+
+def build_filter(*, model_id: str, tissue: str | None = None, platform: str | None = None, species: str | None = None, where: str | None = None) -> str:
+    """The SQL predicate for a query: always the model (embeddings of different models live in
+    different spaces), then the user's filters."""
+    clauses = [f"model_id = {sql_literal(model_id)}"]
+    for column, value in (("tissue", tissue), ("platform", platform), ("species", species)):
+        if value is not None:
+            clauses.append(f"{column} = {sql_literal(value)}")
+    if where:
+        clauses.append(f"({where})")
+    return " AND ".join(clauses)
+
+
+def check_filter_values(store: Store, *, version: int | None, model_id: str, **filters: str | None) -> None:
+    """A filter value absent from the reference is a user error: say which values exist."""
+    for column, value in filters.items():
+        if value is None:
+            continue
+        present = store.distinct("spots", column, where=f"model_id = {sql_literal(model_id)}", version=version)
+        if value not in present:
+            raise UnknownValue(
+                f"no reference spots with {column} {value!r} (model {model_id}); "
+                f"{column} values present: {', '.join(map(str, present)) or 'none'}"
+            )
+
+
+def load_references(store: Store, *, where: str, version: int | None = None) -> ReferenceBlock:
+    tbl = store.table("spots", version=version)
+    try:
+        arrow = tbl.search().where(where).select(["expression"]).with_row_id(True).limit(None).to_arrow()
+    except Exception as exc:
+        raise StoreError(f"cannot apply filter {where!r}: {exc}") from exc
+    if arrow.num_rows == 0:
+        raise StoreError(f"no reference spots match {where!r} in spots@{tbl.version}")
+    row_ids = arrow.column("_rowid").to_numpy()
+    order = np.argsort(row_ids)
+    lists = arrow.column("expression").combine_chunks()
+    n_genes = len(lists[0])
+    expression = lists.flatten().to_numpy(zero_copy_only=False).reshape(-1, n_genes)
+    return ReferenceBlock(row_ids=row_ids[order], expression=expression[order], spots_version=tbl.version)
+
+
+def search(
+    store: Store,
+    queries: np.ndarray,
+    *,
+    where: str,
+    k: int = 50,
+    version: int | None = None,
+    references: ReferenceBlock | None = None,
+) -> tuple[Hits, ReferenceBlock]:
+    """For each query (unit-length image embedding), the ``k`` most cosine-similar reference
+    expression embeddings among rows matching ``where``. One batched LanceDB call with prefilter."""
+    if k < 1:
+        raise StoreError(f"k must be at least 1, got {k}")
+    references = references or load_references(store, where=where, version=version)
+    tbl = store.table("spots", version=references.spots_version)
+    k_eff = min(k, len(references.row_ids))
+    result = (
+        tbl.search(np.ascontiguousarray(queries, np.float32), vector_column_name="expression_embedding")
+        .distance_type("cosine")
+        .where(where, prefilter=True)
+        .limit(k_eff)
+        .select([])
+        .with_row_id(True)
+        .to_arrow()
+    )
+    query_index = result.column("query_index").to_numpy() if "query_index" in result.column_names else np.zeros(result.num_rows, np.int64)
+    row_ids = result.column("_rowid").to_numpy()
+    distance = result.column("_distance").to_numpy()
+    # group by query, nearest first
+    order = np.lexsort((distance, query_index))
+    query_index, row_ids, distance = query_index[order], row_ids[order], distance[order]
+    counts = np.bincount(query_index, minlength=len(queries))
+    if not (counts == k_eff).all():
+        raise StoreError(f"search returned {counts.min()}..{counts.max()} neighbours per query, expected {k_eff}")
+    positions = np.searchsorted(references.row_ids, row_ids)
+    hits = Hits(
+        indices=positions.reshape(len(queries), k_eff),
+        similarities=(1.0 - distance).astype(np.float32).reshape(len(queries), k_eff),
+        spots_version=references.spots_version,
+    )
+    return hits, references
