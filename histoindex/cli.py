@@ -195,7 +195,7 @@ def _render(table, fmt: str) -> None:
             if pa.types.is_nested(field.type):
                 flat = flat.set_column(i, field.name, pa.array([json.dumps(v, default=str) for v in table.column(i).to_pylist()]))
         sink = io.BytesIO()
-        pacsv.write_csv(flat, sink)
+        pacsv.write_csv(flat, sink, pacsv.WriteOptions(quoting_style="needed"))
         click.echo(sink.getvalue().decode(), nl=False)
         return
     out = Table(show_lines=False)

@@ -62,14 +62,16 @@ def highly_variable_genes(references: Sequence[SpotSet], n_genes: int, *, n_bins
     expressed = np.isfinite(dispersion)
     if expressed.sum() == 0:
         raise InputError("no gene is expressed in the references")
-    edges = np.quantile(log_mean[expressed], np.linspace(0, 1, n_bins + 1)[1:-1])
-    bins = np.digitize(log_mean, edges)
+    # equal-width bins of mean expression, as scanpy's seurat flavour (pd.cut into n_bins)
+    lo, hi = log_mean[expressed].min(), log_mean[expressed].max()
+    bins = np.digitize(log_mean, np.linspace(lo, hi, n_bins + 1)[1:-1])
     score = np.full(len(genes), -np.inf)
     for b in np.unique(bins[expressed]):
         members = expressed & (bins == b)
         d = dispersion[members]
         sd = d.std(ddof=1) if members.sum() > 1 else 0.0
-        score[members] = (d - d.mean()) / sd if sd > 0 else 0.0
+        # a gene alone in its bin has nothing to be compared with: scanpy scores it 1
+        score[members] = (d - d.mean()) / sd if sd > 0 else 1.0
     order = np.argsort(-score, kind="stable")
     chosen = [genes[i] for i in order[: min(n_genes, int(expressed.sum()))]]
     return chosen

@@ -84,7 +84,7 @@ def search(
         .distance_type("cosine")
         .where(where, prefilter=True)
         .limit(k_eff)
-        .select([])
+        .select(["_distance"])
         .with_row_id(True)
         .to_arrow()
     )

@@ -13,13 +13,14 @@ from typing import Any
 
 import lancedb
 import numpy as np
+from lancedb.index import Bitmap, BTree, LabelList
 import pyarrow as pa
 
 from .errors import StoreError, UnknownValue
 from .models import ModelConfig, save_weights, state_digest
 from .schemas import TABLES, conform, layout
 
-_INDEX_TYPES = {"bitmap": "BITMAP", "btree": "BTREE", "label_list": "LABEL_LIST"}
+_INDEX_CONFIGS = {"bitmap": Bitmap, "btree": BTree, "label_list": LabelList}
 
 
 def sql_literal(value: str) -> str:
@@ -96,7 +97,7 @@ class Store:
         existing = {tuple(i.columns) for i in tbl.list_indices()}
         for column, kind in spec.scalar_indexes:
             if (column,) not in existing:
-                tbl.create_scalar_index(column, index_type=_INDEX_TYPES[kind])
+                tbl.create_index(column, config=_INDEX_CONFIGS[kind]())
         return tbl
 
     # ---- models -------------------------------------------------------------------------

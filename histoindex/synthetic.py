@@ -66,10 +66,10 @@ def programmes(programme_seed: int = 7, n_noise: int = 24) -> np.ndarray:
 def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], sigma_px: float) -> np.ndarray:
     """Gaussian-smoothed white noise, standardised; computed small and upsampled for speed."""
     factor = max(1, int(sigma_px // 3))
-    small = rng.standard_normal((shape[0] // factor + 2, shape[1] // factor + 2))
+    small = rng.standard_normal((shape[0] // factor + 2, shape[1] // factor + 2)).astype(np.float32)
     small = ndimage.gaussian_filter(small, sigma_px / factor, mode="wrap")
-    field = ndimage.zoom(small, factor, order=1)[: shape[0], : shape[1]]
-    return (field - field.mean()) / (field.std() + 1e-9)
+    small = (small - small.mean()) / (small.std() + 1e-9)
+    return ndimage.zoom(small, factor, order=1)[: shape[0], : shape[1]]
 
 
 def make_section(

@@ -1,0 +1,76 @@
+"""Shared fixtures: real synthetic slides and h5ad files, a real LanceDB store trained through the
+real CLI, and the location of the shared real data."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a model hub
+
+from click.testing import CliRunner  # noqa: E402
+
+from histoindex.cli import cli  # noqa: E402
+from histoindex.synthetic import make_section, write_section  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+#: a fast model for tests: light backbone, small patches, a few epochs
+TRAIN_ARGS = ["--backbone", "resnet10t", "--patch-px", "64", "--patch-um", "110", "--epochs", "8", "--n-genes", "48", "--lr", "1e-3", "--seed", "0"]
+
+
+def run(*args: str, ok: bool = True):
+    """Invoke the real CLI; with ok=True, fail the test (showing output) on a non-zero exit."""
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    if ok and result.exit_code != 0:
+        raise AssertionError(f"histoindex {' '.join(map(str, args))} exited {result.exit_code}:\n{result.output}")
+    return result
+
+
+@dataclass(frozen=True)
+class Sections:
+    train_h5ad: Path
+    train_tif: Path
+    heldout_h5ad: Path
+    heldout_tif: Path
+    other_h5ad: Path  # a third section, ingested under another tissue in some tests
+    other_tif: Path
+
+
+@pytest.fixture(scope="session")
+def sections(tmp_path_factory) -> Sections:
+    directory = tmp_path_factory.mktemp("synthetic")
+    paths = {}
+    for key, seed in (("train", 1), ("heldout", 2), ("other", 3)):
+        h5ad, tif = write_section(make_section(seed=seed, size_px=2600), directory, name=f"syn-{key}")
+        paths[f"{key}_h5ad"], paths[f"{key}_tif"] = h5ad, tif
+    return Sections(**paths)
+
+
+@pytest.fixture(scope="session")
+def trained_store(tmp_path_factory, sections) -> Path:
+    """A store with one model trained on the train section and that section ingested (tissue
+    breast). Tests that write must work on a copy (``store`` fixture)."""
+    db = tmp_path_factory.mktemp("store") / "db"
+    run("train", sections.train_h5ad, "--db", db, *TRAIN_ARGS)
+    run("ingest", sections.train_h5ad, "--tissue", "breast", "--platform", "visium", "--dataset", "train", "--db", db)
+    return db
+
+
+@pytest.fixture
+def store(trained_store, tmp_path) -> Path:
+    """A private copy of the trained store."""
+    db = tmp_path / "db"
+    shutil.copytree(trained_store, db)
+    return db
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not available: {SHARED_DATA} is absent")
+    return SHARED_DATA

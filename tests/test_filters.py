@@ -1,0 +1,73 @@
+"""Filters are pushed into the search: other tissues never appear among the neighbours."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from histoindex.embed import embed_images
+from histoindex.models import load_model
+from histoindex.patch import spot_patches
+from histoindex import api
+from histoindex.search import build_filter, search
+from histoindex.store import Store
+
+from .conftest import run
+
+
+def test_other_tissue_never_in_neighbours(store, sections):
+    run("ingest", sections.other_h5ad, "--tissue", "lung", "--platform", "visium", "--dataset", "lung-set", "--db", store)
+    st = Store(store)
+    model = st.model()
+    heldout = api.read_reference(sections.heldout_h5ad)
+    patches = spot_patches(heldout, patch_um=model.cfg.patch_um, patch_px=model.cfg.patch_px)[:60]
+    queries = embed_images(load_model(model.cfg, model.weights_path), [patches], device="cpu")
+    for tissue in ("breast", "lung"):
+        where = build_filter(model_id=model.model_id, tissue=tissue)
+        hits, refs = search(st, queries, where=where, k=50)
+        rows = st.table("spots").search().where(where).select(["tissue"]).with_row_id(True).limit(None).to_arrow()
+        tissue_of = dict(zip(rows.column("_rowid").to_pylist(), rows.column("tissue").to_pylist()))
+        neighbour_rows = refs.row_ids[hits.indices.ravel()]
+        assert {tissue_of[r] for r in neighbour_rows} == {tissue}
+        # exact top-k: same neighbours as brute force over the filtered rows
+        all_rows = st.table("spots").search().where(where).select(["expression_embedding"]).with_row_id(True).limit(None).to_arrow()
+        keys = np.stack(all_rows.column("expression_embedding").to_numpy(zero_copy_only=False))
+        best = np.argsort(-(queries @ keys.T), axis=1)[:, :50]
+        brute = np.asarray(all_rows.column("_rowid").to_pylist())[best]
+        found = refs.row_ids[hits.indices]
+        overlap = np.mean([len(set(a) & set(b)) / 50 for a, b in zip(found, brute)])
+        assert overlap > 0.99
+
+
+def test_selective_filter_is_applied_before_the_search(store, sections, tmp_path):
+    """Prefiltering: a filter matching 10 rows with k=50 returns exactly those 10 rows, so every
+    prediction is their mean (a post-filter would return almost nothing)."""
+    run("ingest", sections.other_h5ad, "--tissue", "lung", "--platform", "visium", "--dataset", "lung-set", "--db", store)
+    where = "spot_id LIKE '%spot0000_'"
+    out = tmp_path / "lung.parquet"
+    run("query", sections.heldout_tif, "--tissue", "lung", "--where", where, "--k", "50", "--spots", sections.heldout_h5ad, "--out", out, "--db", store)
+    st = Store(store)
+    matching = st.table("spots").search().where(f"tissue = 'lung' AND ({where})").select(["expression"]).limit(None).to_arrow()
+    assert matching.num_rows == 10
+    expected = np.stack(matching.column("expression").to_numpy(zero_copy_only=False)).mean(axis=0)
+    genes = list(st.model().cfg.genes)
+    predicted = pl.read_parquet(out).select(genes).to_numpy()
+    np.testing.assert_allclose(predicted, np.broadcast_to(expected, predicted.shape), rtol=1e-5, atol=1e-6)
+    stored = st.table("predictions").to_arrow()
+    assert set(stored.column("k").to_pylist()) == {10}
+
+
+def test_unknown_tissue_lists_the_tissues_present(store, sections):
+    run("ingest", sections.other_h5ad, "--tissue", "lung", "--platform", "visium", "--dataset", "lung-set", "--db", store)
+    before = Store(store).versions()
+    result = run("query", sections.heldout_tif, "--tissue", "liver", "--db", store, ok=False)
+    assert result.exit_code == 1
+    assert "Error: no reference spots with tissue 'liver'" in result.output
+    assert "tissue values present: breast, lung" in result.output
+    assert Store(store).versions() == before
+
+
+def test_bad_where_clause_is_a_clear_error(store, sections):
+    result = run("query", sections.heldout_tif, "--tissue", "breast", "--where", "no_such_column = 1", "--db", store, ok=False)
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: cannot apply filter")
