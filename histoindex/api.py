@@ -24,7 +24,7 @@ from .io.tables import read_positions
 from .io.write import check_output_path, write_predictions
 from .models import ModelConfig, backbone_input_stats, load_model
 from .patch import iter_patches, spot_patches, tile_grid
-from .search import build_filter, check_filter_values, search
+from .search import build_filter, check_filter_values, load_references, search
 from .sql import run_sql
 from .store import Store, spot_rows
 from .train import train_model
@@ -251,6 +251,7 @@ def query(
     cfg = record.cfg
     check_filter_values(store, version=version, model_id=record.model_id, tissue=tissue, platform=platform, species=species)
     predicate = build_filter(model_id=record.model_id, tissue=tissue, platform=platform, species=species, where=where)
+    references = load_references(store, where=predicate, version=version)  # a bad filter fails here, before any pixels
 
     slide = open_slide(slide_path, mpp=mpp)
     try:
@@ -271,7 +272,7 @@ def query(
     finally:
         slide.close()
 
-    hits, references = search(store, embeddings, where=predicate, k=k, version=version)
+    hits, references = search(store, embeddings, where=predicate, k=k, references=references)
     predicted = impute(hits, references.expression)
 
     run_id = uuid.uuid4().hex[:12]

@@ -7,7 +7,6 @@ Each command parses its options, makes one API call and renders the result; ever
 from __future__ import annotations
 
 import functools
-import io
 import json
 import os
 import sys
@@ -186,17 +185,14 @@ def _render(table, fmt: str) -> None:
         click.echo(json.dumps(table.to_pylist(), default=str, indent=1))
         return
     if fmt == "csv":
-        import pyarrow.csv as pacsv
-
+        import polars as pl
         import pyarrow as pa
 
         flat = table
         for i, field in enumerate(table.schema):  # CSV has no nested types: write them as JSON text
             if pa.types.is_nested(field.type):
                 flat = flat.set_column(i, field.name, pa.array([json.dumps(v, default=str) for v in table.column(i).to_pylist()]))
-        sink = io.BytesIO()
-        pacsv.write_csv(flat, sink, pacsv.WriteOptions(quoting_style="needed"))
-        click.echo(sink.getvalue().decode(), nl=False)
+        click.echo(pl.from_arrow(flat).write_csv(), nl=False)
         return
     out = Table(show_lines=False)
     for name in table.column_names:

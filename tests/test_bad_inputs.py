@@ -57,7 +57,7 @@ def test_slide_without_pixel_size_needs_mpp(store, sections, tmp_path):
     from histoindex.io import open_slide
 
     slide = open_slide(sections.heldout_tif)
-    image = slide.read_region(0, 0, 1300, 1300, 1300)
+    image = slide.read_region(0, 0, 1300, 1300)
     png = tmp_path / "plain.png"
     Image.fromarray(image).save(png)
     before = _snapshot(store)

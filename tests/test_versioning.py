@@ -50,4 +50,4 @@ def test_reingest_replaces_rows_in_one_version(store, sections):
 def test_unknown_version_is_a_clear_error(store, sections):
     result = run("query", sections.heldout_tif, "--tissue", "breast", "--as-of", "999", "--db", store, ok=False)
     assert result.exit_code == 1
-    assert "Error: table 'spots' has no version '999'" in result.output
+    assert "Error: table 'spots' has no version 999; versions are 1.." in result.output

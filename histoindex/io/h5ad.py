@@ -16,7 +16,7 @@ import scipy.sparse as sp
 
 from ..data import SPOT_DIAMETER_UM, ImageRef, SpotSet
 from ..errors import InputError, LowResolutionImageWarning
-from .slides import open_slide
+from .slides import image_mpp
 
 
 def _read(path: Path):
@@ -85,9 +85,7 @@ def read_h5ad(
 
     image_ref = _image_ref(path, adata, lib, image, scalefactors)
     if mpp is None and image_ref.path is not None:
-        slide = open_slide(image_ref.path)
-        mpp = slide.mpp
-        slide.close()
+        mpp = image_mpp(image_ref.path)
         if mpp is not None and image_ref.scale != 1.0:
             mpp = mpp * image_ref.scale  # the image is downscaled; full-resolution pixels are smaller
     if mpp is None:

@@ -165,6 +165,20 @@ def open_slide(path: str | Path, *, mpp: float | None = None) -> Slide:
     )
 
 
+def image_mpp(path: str | Path) -> float | None:
+    """Pixel size from an image's metadata, without decoding plain images (which have none)."""
+    path = Path(path)
+    if path.suffix.lower() in PLAIN_SUFFIXES:
+        if not path.exists():
+            raise InputError(f"image not found: {path}")
+        return None
+    slide = open_slide(path)
+    try:
+        return slide.mpp
+    finally:
+        slide.close()
+
+
 def write_pyramidal_tiff(path: str | Path, image: np.ndarray, *, mpp: float, tile: int = 256, levels: int | None = None) -> Path:
     """Write an RGB array as a tiled, JPEG-compressed pyramidal TIFF that OpenSlide reads as a
     generic TIFF, with its pixel size in the resolution tags."""
