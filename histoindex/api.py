@@ -14,20 +14,20 @@ import numpy as np
 import pyarrow as pa
 
 from .data import SPOT_DIAMETER_UM, PatchGrid, SpotSet
-from .embed import embed_expression, embed_images, resolve_device
 from .errors import InputError, StoreError
 from .genes import check_genes, highly_variable_genes, read_gene_list
-from .impute import impute
 from .io.h5ad import read_h5ad
 from .io.slides import open_slide
 from .io.tables import read_positions
 from .io.write import check_output_path, write_predictions
-from .models import ModelConfig, backbone_input_stats, load_model
+from .config import ModelConfig
 from .patch import iter_patches, spot_patches, tile_grid
+
+# torch and timm (seconds to import) load only inside the commands that run a model, so `sql`,
+# `versions` and `info` start fast.
 from .search import build_filter, check_filter_values, load_references, search
 from .sql import run_sql
 from .store import Store, spot_rows
-from .train import train_model
 
 Log = Callable[[str], None]
 
@@ -70,6 +70,8 @@ class TrainOptions:
 
 
 def _model_config(references: Sequence[SpotSet], options: TrainOptions) -> ModelConfig:
+    from .models import backbone_input_stats
+
     if options.genes_file:
         genes = check_genes(references, read_gene_list(options.genes_file))
     else:
@@ -112,6 +114,9 @@ def train(
     names = [r.name for r in references]
     if len(set(names)) != len(names):
         raise InputError(f"reference names repeat: {', '.join(names)}; give each a distinct --dataset name")
+    from .embed import resolve_device
+    from .train import train_model
+
     cfg = _model_config(references, options)
     torch_device = resolve_device(device)
     log(f"training {cfg.method} ({cfg.backbone}, {len(cfg.genes)} genes, {sum(r.n_obs for r in references)} spots) on {torch_device}")
@@ -153,6 +158,9 @@ def ingest(
 ) -> IngestResult:
     """Embed every spot of ``reference`` and write them to ``spots`` in one commit (one new table
     version), replacing the dataset's earlier rows. Trains a model first if the store has none."""
+    from .embed import embed_expression, embed_images, resolve_device
+    from .models import load_model
+
     for label, value in (("tissue", tissue), ("platform", platform), ("species", species)):
         if not value or not value.strip():
             raise InputError(f"--{label} must not be empty")
@@ -183,6 +191,7 @@ def ingest(
         image_embedding=image_emb,
         expression_embedding=expr_emb,
         expression=expression,
+        source_values=reference.source_values,
         model_id=record.model_id,
     )
     version = store.replace_dataset(rows, reference.name)
@@ -238,6 +247,10 @@ def query(
 ) -> QueryResult:
     """Impute expression over a slide (tissue tiles of the model's patch size, or the positions in
     ``spots``) by top-k retrieval against the reference expression embeddings."""
+    from .embed import embed_images, resolve_device
+    from .impute import impute
+    from .models import load_model
+
     started = time.perf_counter()
     if out is not None:
         out = check_output_path(out)

@@ -85,6 +85,11 @@ class SpotSet:
             raise InputError(f"no spots{where}")
 
     @property
+    def source_values(self) -> str:
+        """What X holds: ``raw_counts`` (normalised on use) or ``log_normalised`` (used as is)."""
+        return "raw_counts" if self.is_counts else "log_normalised"
+
+    @property
     def n_obs(self) -> int:
         return self.X.shape[0]
 

@@ -17,7 +17,7 @@ from lancedb.index import Bitmap, BTree, LabelList
 import pyarrow as pa
 
 from .errors import StoreError, UnknownValue
-from .models import ModelConfig, save_weights, state_digest
+from .config import ModelConfig
 from .schemas import TABLES, conform, layout
 
 _INDEX_CONFIGS = {"bitmap": Bitmap, "btree": BTree, "label_list": LabelList}
@@ -108,6 +108,7 @@ class Store:
 
     def add_model(self, model, cfg: ModelConfig, *, metrics: dict, train_datasets: list[str]) -> tuple[str, int]:
         """Save weights and register the model; returns (model_id, models table version)."""
+        from .models import save_weights, state_digest  # torch: only when a model is written
         model_id = f"{cfg.method}-{state_digest(model, cfg)}"
         directory = self.weights_dir()
         directory.mkdir(parents=True, exist_ok=True)
@@ -249,6 +250,7 @@ def spot_rows(
     image_embedding: np.ndarray,
     expression_embedding: np.ndarray,
     expression: np.ndarray,
+    source_values: str,
     model_id: str,
 ) -> pa.Table:
     """Arrow rows for the spots table (column layout from schemas/spots.json)."""
@@ -275,6 +277,7 @@ def spot_rows(
             "image_embedding": vectors(image_embedding),
             "expression_embedding": vectors(expression_embedding),
             "expression": pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(expression, np.float32).ravel())),
+            "source_values": pa.array([source_values] * n),
             "model_id": pa.array([model_id] * n),
         }
     )

@@ -96,7 +96,7 @@ def train_model(
         "train_loss": history,
         "n_spots": int(n),
         "n_genes": len(cfg.genes),
-        "datasets": [ref.name for ref in references],
+        "datasets": {ref.name: {"spots": ref.n_obs, "source_values": ref.source_values, "mpp": ref.mpp} for ref in references},
         "patch_read_seconds": round(read_seconds, 2),
         "train_seconds": round(time.perf_counter() - started - read_seconds, 2),
         "device": str(device),

@@ -1,55 +1,7 @@
-"""ModelConfig: everything needed to rebuild a model and feed it, saved with its weights."""
+"""ModelConfig lives in :mod:`histoindex.config` (importable without torch); re-exported here."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
-from dataclasses import dataclass, field
+from ..config import ModelConfig
 
-from ..data import NORMALISATION
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Architecture, preprocessing and training settings of one model.
-
-    ``patch_um`` is the physical side of the square patch around each spot; it is cut from the slide
-    at whatever resolution the slide has and resized to ``patch_px``. ``mean``/``std`` are the
-    backbone's input normalisation (from timm's pretrained config). ``genes`` and ``normalisation``
-    define the expression vector.
-    """
-
-    method: str = "bleep"
-    backbone: str = "resnet18"
-    weights: str = ""  # "" (random init), "timm" (timm's hub weights) or the local file it came from
-    patch_px: int = 224
-    patch_um: float = 110.0
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    embed_dim: int = 256
-    dropout: float = 0.1
-    temperature: float = 1.0
-    genes: tuple[str, ...] = field(default=(), repr=False)
-    normalisation: str = NORMALISATION
-    seed: int = 0
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-4  # backbone learning rate (BLEEP: 1e-4)
-    head_lr: float = 1e-3  # projection heads (BLEEP: 1e-3)
-    weight_decay: float = 1e-3
-
-    def replace(self, **changes) -> ModelConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> ModelConfig:
-        raw = json.loads(text)
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in raw.items() if k in known}
-        for key in ("mean", "std", "genes"):
-            if key in values:
-                values[key] = tuple(values[key])
-        return cls(**values)
+__all__ = ["ModelConfig"]
