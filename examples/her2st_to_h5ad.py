@@ -37,29 +37,26 @@ Usage::
     python examples/her2st_to_h5ad.py --her2st ../shared/data/her2st --out DIR --sections C2 C3
     histoindex ingest DIR/C2.h5ad --platform st --tissue breast --species human --db her2st.db
 
-The conversion lives in functions (:func:`convert_section`) so it can be imported and tested.
+The reading, joining and grid fit live in :mod:`histoindex.io.st` (``histoindex ingest`` reads
+these files directly too: ``histoindex ingest C2.tsv.gz --spot-table C2_selection.tsv --image C2.jpg
+--platform st ...``); this script adds the HER2ST extras and writes ``.h5ad`` through
+:func:`histoindex.io.write_h5ad`. :func:`convert_section` can be imported and tested.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import anndata
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
+
+from histoindex.io.h5ad import write_h5ad
+from histoindex.io.st import fit_grid, read_spot_table, read_st, spot_key
 
 SECTIONS = ("B4", "C2", "C3", "C4", "C5")
-SPOT_DIAMETER_UM = 100.0  # legacy ST spot diameter
-SPOT_PITCH_UM = 200.0  # legacy ST centre-to-centre distance between neighbouring array positions
-
-
-def spot_key(x, y) -> pd.Index:
-    """The ``"{x}x{y}"`` keys of integer array coordinates (the counts' row index)."""
-    return pd.Index([f"{int(a)}x{int(b)}" for a, b in zip(x, y)], name="spot")
 
 
 def section_paths(her2st_dir: str | Path, section: str) -> dict[str, Path]:
@@ -72,29 +69,6 @@ def section_paths(her2st_dir: str | Path, section: str) -> dict[str, Path]:
     }
 
 
-def read_spots(path: str | Path) -> pd.DataFrame:
-    """The spot table indexed by key, restricted to ``selected == 1`` when that column exists."""
-    spots = pd.read_csv(path, sep="\t")
-    missing = {"x", "y", "pixel_x", "pixel_y"} - set(spots.columns)
-    if missing:
-        raise ValueError(f"{path}: missing columns {sorted(missing)}")
-    if "selected" in spots.columns:
-        spots = spots[spots["selected"] == 1]
-    spots.index = spot_key(spots["x"], spots["y"])
-    if not spots.index.is_unique:
-        raise ValueError(f"{path}: repeated array positions {list(spots.index[spots.index.duplicated()][:5])}")
-    return spots
-
-
-def read_counts(path: str | Path) -> pd.DataFrame:
-    """Spots x genes counts indexed by the ``"{x}x{y}"`` key."""
-    counts = pd.read_csv(path, sep="\t", index_col=0)
-    counts.index = counts.index.astype(str)
-    if not counts.index.is_unique:
-        raise ValueError(f"{path}: repeated spot keys in the counts")
-    return counts
-
-
 def read_clusters(path: str | Path) -> pd.Series:
     """The authors' cluster label per spot key. The file's own index is ``"{pixel_x}x{pixel_y}"``,
     so the key is rebuilt from its ``x``/``y`` (array) columns."""
@@ -103,88 +77,35 @@ def read_clusters(path: str | Path) -> pd.Series:
     return labels[~labels.index.duplicated(keep="first")]
 
 
-@dataclass(frozen=True)
-class GridFit:
-    """Pixels per array step along x and y (least squares), and what they imply."""
+def convert_section(her2st_dir: str | Path, section: str, out_dir: str | Path) -> anndata.AnnData:
+    """Write ``<out_dir>/<section>.h5ad`` (see module docstring) and return it as AnnData.
 
-    px_per_step_x: float
-    px_per_step_y: float
-
-    @property
-    def px_per_step(self) -> float:
-        return (self.px_per_step_x + self.px_per_step_y) / 2
-
-    @property
-    def px_per_um(self) -> float:
-        return self.px_per_step / SPOT_PITCH_UM
-
-    @property
-    def um_per_px(self) -> float:
-        return 1.0 / self.px_per_um
-
-    @property
-    def spot_diameter_px(self) -> float:
-        return SPOT_DIAMETER_UM * self.px_per_um
-
-
-def _slope(coord: np.ndarray, pixel: np.ndarray) -> float:
-    design = np.column_stack([np.asarray(coord, np.float64), np.ones(len(coord))])
-    (slope, _), *_ = np.linalg.lstsq(design, np.asarray(pixel, np.float64), rcond=None)
-    return float(abs(slope))
-
-
-def fit_grid(spots: pd.DataFrame) -> GridFit:
-    """Fit ``pixel_x ~ x`` and ``pixel_y ~ y`` over the spots (integer array coordinates)."""
-    if spots["x"].nunique() < 2 or spots["y"].nunique() < 2:
-        raise ValueError("need spots on at least two array rows and columns to derive the pixel size")
-    return GridFit(_slope(spots["x"], spots["pixel_x"]), _slope(spots["y"], spots["pixel_y"]))
-
-
-def convert_section(her2st_dir: str | Path, section: str) -> anndata.AnnData:
-    """One HER2ST section as AnnData in the scanpy/squidpy Visium layout (see module docstring).
-
-    ``uns['her2st']`` records the grid fit (pixels per array step, µm per pixel) for reference.
+    The section is read with :func:`histoindex.io.read_st` and written with
+    :func:`histoindex.io.write_h5ad`; the HER2ST extras (``obs`` ``array_x``/``array_y``/``cluster``,
+    ``uns['her2st']`` with the grid fit and the table sizes) are added on top.
     """
     paths = section_paths(her2st_dir, section)
     for kind in ("counts", "spots", "image"):
         if not paths[kind].exists():
             raise FileNotFoundError(f"section {section}: {kind} file {paths[kind]} not found")
-    spots = read_spots(paths["spots"])
-    counts = read_counts(paths["counts"])
-
-    n_spots_table, n_counts_rows = len(spots), len(counts)
-    keys = spots.index.intersection(counts.index, sort=False)  # spot-table order, joined on the key
-    if len(keys) == 0:
-        raise ValueError(f"section {section}: no spot keys shared by {paths['spots'].name} and {paths['counts'].name}")
-    spots = spots.loc[keys]
-    counts = counts.loc[keys]
-    fit = fit_grid(spots)
-
-    values = counts.to_numpy()
-    if not np.issubdtype(values.dtype, np.integer) and not np.all(np.mod(values, 1) == 0):
+    spots = read_st(paths["counts"], spots=paths["spots"], image=paths["image"].resolve(), name=section)
+    if not spots.is_counts:
         raise ValueError(f"section {section}: counts are not integers")
-    X = sp.csr_matrix(values.astype(np.float32))
+    path = write_h5ad(spots, Path(out_dir) / f"{section}.h5ad", library=section)
 
-    obs = pd.DataFrame(
-        {"array_x": spots["x"].to_numpy(np.int64), "array_y": spots["y"].to_numpy(np.int64)},
-        index=pd.Index(keys.astype(str), name="spot"),
-    )
+    # the extras: array coordinates, the authors' clusters and the grid fit, for reference
+    table = read_spot_table(paths["spots"])  # selected spots, indexed by key
+    n_spots_table = len(table)
+    n_counts_rows = len(pd.read_csv(paths["counts"], sep="\t", usecols=[0]))
+    table = table.loc[spots.obs_names]  # the joined spots, as read_st kept them
+    fit = fit_grid(table)  # the fit read_st used for the pixel size (the JPEGs carry none)
+    adata = anndata.read_h5ad(path)
+    keys = adata.obs_names
+    adata.obs["array_x"] = table.loc[keys, "x"].to_numpy(np.int64)
+    adata.obs["array_y"] = table.loc[keys, "y"].to_numpy(np.int64)
     if paths["clusters"].exists():
         labels = read_clusters(paths["clusters"]).reindex(keys)  # NaN where the authors gave none
-        obs["cluster"] = pd.Categorical(labels.to_numpy(), categories=sorted(labels.dropna().unique(), key=_natural))
-    var = pd.DataFrame(index=pd.Index(counts.columns.astype(str), name="gene"))
-
-    adata = anndata.AnnData(X=X, obs=obs, var=var)
-    if not adata.var_names.is_unique:
-        adata.var_names_make_unique()
-    adata.obsm["spatial"] = spots[["pixel_x", "pixel_y"]].to_numpy(np.float64)
-    adata.uns["spatial"] = {
-        section: {
-            "scalefactors": {"spot_diameter_fullres": fit.spot_diameter_px, "tissue_hires_scalef": 1.0},
-            "metadata": {"source_image_path": str(paths["image"].resolve())},
-            "images": {},
-        }
-    }
+        adata.obs["cluster"] = pd.Categorical(labels.to_numpy(), categories=sorted(labels.dropna().unique(), key=_natural))
     adata.uns["her2st"] = {
         "section": section,
         "px_per_step_x": fit.px_per_step_x,
@@ -193,6 +114,7 @@ def convert_section(her2st_dir: str | Path, section: str) -> anndata.AnnData:
         "n_spots_table": n_spots_table,  # selected spots in the spot table
         "n_counts_rows": n_counts_rows,
     }
+    adata.write_h5ad(path)
     return adata
 
 
@@ -209,11 +131,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     for section in args.sections:
-        adata = convert_section(args.her2st, section)
+        adata = convert_section(args.her2st, section, args.out)
         info = adata.uns["her2st"]
         diameter = adata.uns["spatial"][section]["scalefactors"]["spot_diameter_fullres"]
         path = args.out / f"{section}.h5ad"
-        adata.write_h5ad(path)
         print(
             f"{section}: {adata.n_obs} spots (spot table {info['n_spots_table']}, count rows {info['n_counts_rows']}) x {adata.n_vars} genes; "
             f"{info['px_per_step_x']:.2f}/{info['px_per_step_y']:.2f} px per array step (x/y) -> "

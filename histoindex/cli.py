@@ -60,8 +60,9 @@ def device_option(fn):
 def reference_options(fn):
     for option in reversed(
         [
-            click.option("--image", type=click.Path(dir_okay=False), help="Full-resolution H&E (overrides the path recorded in the h5ad)."),
+            click.option("--image", type=click.Path(dir_okay=False), help="Full-resolution H&E (overrides the path recorded in the h5ad; needed for legacy ST counts; Space Ranger keeps none)."),
             click.option("--mpp", type=float, help="Micrometres per full-resolution pixel (overrides image metadata and spot size)."),
+            click.option("--spot-table", type=click.Path(dir_okay=False), help="Legacy ST spot table (x, y, pixel_x, pixel_y[, selected]) for a counts .tsv(.gz) reference."),
         ]
     ):
         fn = option(fn)
@@ -75,8 +76,8 @@ def training_options(fn):
         [
             click.option("--genes", "genes_file", type=click.Path(dir_okay=False), help="Gene panel: one symbol per line."),
             click.option("--n-genes", type=int, default=defaults.n_genes, show_default=True, help="Else: this many highly variable genes of the training references."),
-            click.option("--backbone", default=defaults.backbone, show_default=True, help="Any timm model name (hf-hub:... names need network)."),
-            click.option("--weights", help="Backbone weights: a local .safetensors/.pth file, or 'timm' to download timm's."),
+            click.option("--backbone", show_default=f"{api.ModelConfig.backbone}, or the one registered --weights fit", help="Any timm model name (hf-hub:... names need network)."),
+            click.option("--weights", show_default="lite0-imagenet, unless --backbone is given", help="Backbone weights: a registered name (lite0-imagenet: ImageNet EfficientNet-Lite0, offline, sets the backbone), a local .safetensors/.pth file, 'timm' to download timm's, or 'none' for random initialisation."),
             click.option("--patch-um", type=float, default=defaults.patch_um, show_default=True, help="Patch side in micrometres."),
             click.option("--patch-px", type=int, default=defaults.patch_px, show_default=True, help="Patch side in pixels fed to the backbone."),
             click.option("--epochs", type=int, default=defaults.epochs, show_default=True),
@@ -84,6 +85,8 @@ def training_options(fn):
             click.option("--lr", type=float, default=defaults.lr, show_default=True, help="Backbone learning rate (AdamW)."),
             click.option("--head-lr", type=float, default=defaults.head_lr, show_default=True, help="Projection heads' learning rate."),
             click.option("--seed", type=int, default=defaults.seed, show_default=True),
+            click.option("--freeze-backbone/--fine-tune", default=defaults.freeze_backbone, show_default=True, help="Train only the projection heads on cached backbone features (far cheaper), or the whole network."),
+            click.option("--views", type=click.IntRange(1, 8), default=defaults.views, show_default=True, help="Dihedral views (rotations/flips) averaged when embedding a patch."),
         ]
     ):
         fn = option(fn)
@@ -91,7 +94,9 @@ def training_options(fn):
 
 
 def _train_options(kwargs: dict) -> api.TrainOptions:
-    keys = ("genes_file", "n_genes", "backbone", "weights", "patch_um", "patch_px", "epochs", "batch_size", "lr", "head_lr", "seed")
+    keys = ("genes_file", "n_genes", "backbone", "weights", "patch_um", "patch_px", "epochs", "batch_size", "lr", "head_lr", "seed", "freeze_backbone", "views")
+    if str(kwargs.get("weights")).lower() == "none":
+        kwargs = {**kwargs, "weights": ""}  # explicit random initialisation
     return api.TrainOptions(**{k: kwargs[k] for k in keys})
 
 
@@ -102,14 +107,14 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("references", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("references", nargs=-1, required=True, type=click.Path(dir_okay=True))
 @db_option
 @click.option("--platform", default="visium", show_default=True, help="visium or st (sets the spot size used for pixel size).")
 @reference_options
 @training_options
 @device_option
 @handle_errors
-def train(references, db, platform, image, mpp, device, **kwargs):
+def train(references, db, platform, image, mpp, spot_table, device, **kwargs):
     """Train a BLEEP model on reference datasets and register it in the store.
 
     Example:
@@ -118,13 +123,55 @@ def train(references, db, platform, image, mpp, device, **kwargs):
     """
     if image and len(references) > 1:
         raise click.UsageError("--image applies to a single reference")
-    refs = [api.read_reference(r, image=image, platform=platform, mpp=mpp) for r in references]
+    if spot_table and len(references) > 1:
+        raise click.UsageError("--spot-table applies to a single reference")
+    refs = [api.read_reference(r, image=image, platform=platform, mpp=mpp, spot_table=spot_table) for r in references]
     result = api.train(refs, db=db, options=_train_options(kwargs), device=device, log=_log)
     click.echo(result.model_id)
 
 
 @cli.command()
-@click.argument("reference", type=click.Path(dir_okay=False))
+@click.argument("references", nargs=-1, required=True, type=click.Path(dir_okay=True))
+@click.option("--holdout", "holdouts", multiple=True, help="Section(s) to hold out, by name (file stem); default: each in turn.")
+@click.option("--platform", default="visium", show_default=True, help="visium or st (sets the spot size used for pixel size).")
+@click.option("--markers", default=",".join(("FASN", "SCD", "KRT8", "CD74", "MGP", "IGKC", "VIM", "MUC1")), show_default=True, help="Comma-separated marker genes scored as MG-n.")
+@click.option("--k", type=int, default=50, show_default=True, help="Neighbours averaged per spot.")
+@click.option("--baselines/--no-baselines", default=True, show_default=True, help="Also score mean expression, colour retrieval, frozen-feature retrieval and ridge.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write held-out predictions and truth (.parquet), keyed by section, system, spot.")
+@click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
+@click.option("--mpp", type=float, help="Micrometres per full-resolution pixel for every reference.")
+@training_options
+@device_option
+@handle_errors
+def evaluate(references, holdouts, platform, markers, k, baselines, out, as_json, mpp, device, **kwargs):
+    """Leave-one-section-out evaluation: per-gene Pearson r on held-out spots (HEG-50, HVG-50,
+    markers, all genes) and MSE, for the model and for baselines, on the same genes.
+
+    Example:
+
+        histoindex evaluate C2.h5ad C3.h5ad C4.h5ad C5.h5ad --platform st --genes panel.txt
+    """
+    refs = [api.read_reference(r, platform=platform, mpp=mpp) for r in references]
+    result = api.evaluate(
+        refs, holdouts=list(holdouts) or None, options=_train_options(kwargs), markers=[m.strip() for m in markers.split(",") if m.strip()],
+        k=k, baselines=baselines, out=out, device=device, log=_log,
+    )
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=1, default=str))
+        return
+    summary = result.summary()
+    metrics = list(next(iter(summary.values())))
+    table = Table(title=f"held-out scores, mean over {len(result.folds)} fold(s): {', '.join(f.holdout for f in result.folds)}")
+    table.add_column("system")
+    for m in metrics:
+        table.add_column(m, justify="right")
+    for system, values in summary.items():
+        table.add_row(system, *[f"{values[m]:.3f}" for m in metrics])
+    Console().print(table)
+
+
+@cli.command()
+@click.argument("reference", type=click.Path(dir_okay=True))
 @click.option("--tissue", required=True, help="Tissue label, used as a query filter.")
 @click.option("--platform", default="visium", show_default=True, help="visium, st, ...")
 @click.option("--species", default="human", show_default=True)
@@ -135,7 +182,7 @@ def train(references, db, platform, image, mpp, device, **kwargs):
 @training_options
 @device_option
 @handle_errors
-def ingest(reference, tissue, platform, species, dataset, model_id, db, image, mpp, device, **kwargs):
+def ingest(reference, tissue, platform, species, dataset, model_id, db, image, mpp, spot_table, device, **kwargs):
     """Embed a reference dataset's spots and write them to the store (one new version).
 
     Trains a model first when the store has none. Re-ingesting a dataset replaces its rows.
@@ -143,8 +190,12 @@ def ingest(reference, tissue, platform, species, dataset, model_id, db, image, m
     Example:
 
         histoindex ingest liver_visium.h5ad --tissue liver --platform visium --db liver.db
+
+        histoindex ingest run1/outs --image run1_he.tif --tissue liver --db liver.db
+
+        histoindex ingest C5.tsv.gz --spot-table C5_selection.tsv --image C5.jpg --platform st --tissue breast
     """
-    ref = api.read_reference(reference, image=image, platform=platform, name=dataset, mpp=mpp)
+    ref = api.read_reference(reference, image=image, platform=platform, name=dataset, mpp=mpp, spot_table=spot_table)
     result = api.ingest(ref, db=db, tissue=tissue, platform=platform, species=species, model_id=model_id, train_options=_train_options(kwargs), device=device, log=_log)
     click.echo(f"{result.dataset}: {result.n_spots} spots, spots@{result.spots_version}, model {result.model_id}")
 
@@ -162,22 +213,51 @@ def ingest(reference, tissue, platform, species, dataset, model_id, db, image, m
 @click.option("--spots", "spots_file", type=click.Path(dir_okay=False), help="Predict at these positions: .h5ad, or CSV/Parquet with spot,x,y.")
 @click.option("--model", "model_id", help="Model id (default: the newest with ingested spots).")
 @click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--plot", "plot_genes", multiple=True, metavar="GENE", help="Also draw this gene over the slide into <out stem>.<GENE>.png (repeatable; needs --out).")
 @db_option
 @device_option
 @handle_errors
-def query(slide, tissue, platform, species, where, k, out, mpp, as_of, spots_file, model_id, batch_size, db, device):
+def query(slide, tissue, platform, species, where, k, out, mpp, as_of, spots_file, model_id, batch_size, plot_genes, db, device):
     """Impute expression over a slide by retrieval from the reference.
 
     Example:
 
-        histoindex query slide.svs --tissue liver --out slide.parquet --db liver.db
+        histoindex query slide.svs --tissue liver --out slide.parquet --db liver.db --plot FASN
     """
+    if plot_genes and not out:
+        raise click.UsageError("--plot needs --out: pictures are drawn from the predictions file")
     result = api.query(
         slide, db=db, tissue=tissue, platform=platform, species=species, where=where, k=k, out=out, mpp=mpp,
-        as_of=as_of, spots=spots_file, model_id=model_id, device=device, batch_size=batch_size, log=_log,
+        as_of=as_of, spots=spots_file, model_id=model_id, device=device, batch_size=batch_size, plot=plot_genes, log=_log,
     )
     target = f" → {result.out}" if result.out else ""
     click.echo(f"{result.n_tiles} tiles × {len(result.genes)} genes, run {result.run_id}, spots@{result.spots_version}, predictions@{result.predictions_version}{target}")
+    for picture in result.plots:
+        click.echo(picture)
+
+
+@cli.command()
+@click.argument("predictions", type=click.Path(dir_okay=False))
+@click.option("--gene", "genes", multiple=True, required=True, metavar="GENE", help="Gene to draw (repeatable): one row each.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Picture to write: .png (.pdf and .svg work too).")
+@click.option("--slide", type=click.Path(dir_okay=False), help="Slide to draw under the predictions (default: the one the query read).")
+@click.option("--truth", type=click.Path(dir_okay=False), help="Reference .h5ad of the same section: measured beside predicted, with Pearson r.")
+@click.option("--max-side", type=int, default=1600, show_default=True, help="Longest side, in pixels, of the slide image behind the predictions.")
+@handle_errors
+def plot(predictions, genes, out, slide, truth, max_side):
+    """Draw predicted expression over the slide.
+
+    PREDICTIONS is a query --out file (.parquet or .h5ad); each --gene gets a row with its own
+    colour bar. With --truth, the measured expression of a reference at the same spots (query --spots REF.h5ad)
+    is drawn beside the prediction on a shared colour scale, with Pearson r.
+
+    Example:
+
+    \b
+        histoindex plot slide.parquet --gene FASN --gene COL1A1 --out slide.png
+        histoindex plot spots.h5ad --gene FASN --truth ref.h5ad --out fasn.png
+    """
+    click.echo(api.plot(predictions, genes=genes, out=out, slide=slide, truth=truth, max_side=max_side))
 
 
 def _render(table, fmt: str) -> None:

@@ -37,6 +37,8 @@ class ModelConfig:
     lr: float = 1e-4  # backbone learning rate (BLEEP: 1e-4)
     head_lr: float = 1e-3  # projection heads (BLEEP: 1e-3)
     weight_decay: float = 1e-3
+    freeze_backbone: bool = False  # train the projection heads only, on cached backbone features
+    views: int = 1  # dihedral views averaged when embedding an image (1 = none, up to 8)
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)

@@ -19,7 +19,8 @@ MARKER = ".histoindex-demo"
 
 #: small and fast on two CPU cores: a light backbone on 64 px patches of 110 µm
 DEMO_TRAINING = api.TrainOptions(
-    backbone="resnet10t", n_genes=48, patch_um=110.0, patch_px=64, epochs=12, batch_size=64, lr=1e-3, head_lr=1e-3, seed=0
+    backbone="resnet10t", weights=None, freeze_backbone=False, views=1,
+    n_genes=48, patch_um=110.0, patch_px=64, epochs=12, batch_size=64, lr=1e-3, head_lr=1e-3, seed=0,
 )
 
 

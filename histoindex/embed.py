@@ -28,7 +28,8 @@ def _to_device(model: nn.Module, device: torch.device) -> nn.Module:
 def embed_images(model: nn.Module, batches: Iterable[np.ndarray], *, device: torch.device) -> np.ndarray:
     """Image embeddings (n, d), unit length, for uint8 NHWC patch batches."""
     model = _to_device(model, device)
-    out = [F.normalize(model.encode_image(torch.from_numpy(b).to(device)), dim=-1).float().cpu() for b in batches]
+    views = getattr(model.cfg, "views", 1)
+    out = [F.normalize(model.encode_image(torch.from_numpy(b).to(device), views), dim=-1).float().cpu() for b in batches]
     return torch.cat(out).numpy() if out else np.zeros((0, model.cfg.embed_dim), np.float32)
 
 
@@ -40,6 +41,20 @@ def embed_expression(model: nn.Module, expression: np.ndarray, *, device: torch.
     for start in range(0, len(expression), batch_size):
         chunk = torch.from_numpy(np.ascontiguousarray(expression[start : start + batch_size])).to(device)
         out.append(F.normalize(model.encode_expression(chunk), dim=-1).float().cpu())
+    return torch.cat(out).numpy()
+
+
+@torch.inference_mode()
+def backbone_features(model: nn.Module, batches: Iterable[np.ndarray], *, device: torch.device, views: int = 1) -> np.ndarray:
+    """Pooled backbone features per view: (n, views, n_features) float32."""
+    from .models.bleep import dihedral
+
+    model = _to_device(model, device)
+    out = []
+    for b in batches:
+        images = torch.from_numpy(b).to(device)
+        per_view = [model.image_encoder(model.normalize(dihedral(images, v))).float().cpu() for v in range(views)]
+        out.append(torch.stack(per_view, dim=1))
     return torch.cat(out).numpy()
 
 

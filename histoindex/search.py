@@ -104,3 +104,21 @@ def search(
         spots_version=references.spots_version,
     )
     return hits, references
+
+
+def exact_topk(queries: np.ndarray, keys: np.ndarray, k: int, *, device: str = "cpu", chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by inner product (cosine for unit vectors) with chunked matrix products:
+    returns (indices, similarities), each n_query × k, nearest first."""
+    import torch
+
+    k = min(k, len(keys))
+    keys_t = torch.from_numpy(np.ascontiguousarray(keys, np.float32)).to(device)
+    indices = np.empty((len(queries), k), np.int64)
+    sims = np.empty((len(queries), k), np.float32)
+    with torch.inference_mode():
+        for start in range(0, len(queries), chunk):
+            q = torch.from_numpy(np.ascontiguousarray(queries[start : start + chunk], np.float32)).to(device)
+            values, idx = torch.topk(q @ keys_t.T, k, dim=1)
+            indices[start : start + len(q)] = idx.cpu().numpy()
+            sims[start : start + len(q)] = values.cpu().numpy()
+    return indices, sims

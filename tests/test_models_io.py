@@ -17,7 +17,7 @@ from histoindex.store import Store
 
 from .conftest import run
 
-TINY = ["--backbone", "test_resnet", "--patch-px", "32", "--epochs", "2", "--n-genes", "16", "--batch-size", "32"]
+TINY = ["--backbone", "test_resnet", "--fine-tune", "--views", "1", "--patch-px", "32", "--epochs", "2", "--n-genes", "16", "--batch-size", "32"]
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])

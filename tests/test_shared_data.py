@@ -125,7 +125,7 @@ def brain_store(tmp_path_factory):
     db, out = root / "db", root / "x.parquet"
     ingest = invoke(
         ["ingest", VISIUM_H5AD, "--image", VISIUM_IMG, "--tissue", "brain", "--platform", "visium", "--species", "mouse",
-         "--db", db, "--backbone", "test_resnet", "--patch-px", "32", "--epochs", "1", "--n-genes", "20", "--batch-size", "16"]
+         "--db", db, "--backbone", "test_resnet", "--weights", "none", "--fine-tune", "--views", "1", "--patch-um", "110", "--patch-px", "32", "--epochs", "1", "--n-genes", "20", "--batch-size", "16"]
     )
     assert ingest.exit_code == 0, describe(ingest)
     query = invoke(["query", SVS, "--db", db, "--tissue", "brain", "--k", "5", "--out", out])

@@ -7,6 +7,7 @@ from ._config import ModelConfig
 from ._factory import create_model, load_model, save_weights, state_digest
 from ._registry import is_model, list_models, register_model
 from .backbones import backbone_input_stats, create_backbone, load_backbone_weights
+from .pretrained import PretrainedSource, get_pretrained, is_pretrained, list_pretrained, register_pretrained
 
 __all__ = [
     "ModelConfig",
@@ -20,4 +21,9 @@ __all__ = [
     "backbone_input_stats",
     "create_backbone",
     "load_backbone_weights",
+    "PretrainedSource",
+    "get_pretrained",
+    "is_pretrained",
+    "list_pretrained",
+    "register_pretrained",
 ]

@@ -12,17 +12,39 @@ from ..errors import InputError
 from ._config import ModelConfig
 from ._registry import model_entrypoint
 from .backbones import load_backbone_weights
+from .pretrained import PretrainedSource, get_pretrained, is_pretrained
 
 
 def create_model(cfg: ModelConfig, *, weights: str | Path | None = None) -> nn.Module:
-    """Build the model ``cfg.method`` describes. ``weights`` is a local backbone weights file,
-    or "timm" for timm's own pretrained weights (needs network)."""
+    """Build the model ``cfg.method`` describes. ``weights`` is a registered pretrained name
+    (:func:`list_pretrained`, e.g. "lite0-imagenet"; it wins over a file of the same name), a local
+    backbone weights file, or "timm" for timm's own pretrained weights (needs network)."""
     if not cfg.genes:
         raise InputError("a model needs at least one gene")
+    source = get_pretrained(str(weights)) if weights and is_pretrained(str(weights)) else None
+    if source is not None:
+        check_pretrained_fits(source, cfg)
     model = model_entrypoint(cfg.method)(cfg, pretrained=weights == "timm")
-    if weights not in (None, "", "timm"):
+    if source is not None:
+        state = source.loader(model.image_encoder)
+        load_backbone_weights(model.image_encoder, state, source=f"{source.name!r}")
+    elif weights not in (None, "", "timm"):
         load_backbone_weights(model.image_encoder, weights)
     return model
+
+
+def check_pretrained_fits(source: PretrainedSource, cfg: ModelConfig) -> None:
+    """Registered weights fit one backbone and expect one input normalisation."""
+    if cfg.backbone != source.backbone:
+        raise InputError(
+            f"weights {source.name!r} are for backbone {source.backbone}, not {cfg.backbone}; "
+            f"use --backbone {source.backbone} (or leave --backbone out)"
+        )
+    if tuple(cfg.mean) != tuple(source.mean) or tuple(cfg.std) != tuple(source.std):
+        raise InputError(
+            f"weights {source.name!r} expect input mean {source.mean} and std {source.std}, "
+            f"but the model config has mean {tuple(cfg.mean)} and std {tuple(cfg.std)}"
+        )
 
 
 def state_digest(model: nn.Module, cfg: ModelConfig) -> str:

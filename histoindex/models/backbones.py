@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -63,10 +64,21 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
-    """Load local pretrained weights into a backbone; the classifier is dropped, every other key
-    must match (names and shapes), so a wrong file fails loudly instead of training from noise."""
-    state = read_state_dict(path)
+def load_backbone_weights(
+    backbone: nn.Module,
+    weights: str | Path | Mapping[str, torch.Tensor],
+    *,
+    source: str | None = None,
+) -> None:
+    """Load pretrained weights into a backbone: ``weights`` is a local file or an already-loaded
+    state dict (``source`` names it in errors). The classifier is dropped; every other key must
+    match (names and shapes), so a wrong file fails loudly instead of training from noise."""
+    if isinstance(weights, Mapping):
+        state = dict(weights)
+        label = source or "state dict"
+    else:
+        state = read_state_dict(weights)
+        label = source or str(weights)
     classifier = getattr(backbone, "pretrained_cfg", {}).get("classifier") or "classifier"
     heads = (classifier, "fc", "head", "classifier")
     state = {k: v for k, v in state.items() if not k.startswith(tuple(f"{h}." for h in heads))}
@@ -76,8 +88,8 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     wrong_shape = [k for k in state if k in own and own[k].shape != state[k].shape]
     if missing or unexpected or wrong_shape:
         parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+        for kind, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
             if keys:
-                parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
-        raise InputError(f"weights {path} do not fit this backbone: " + "; ".join(parts))
+                parts.append(f"{len(keys)} {kind} (e.g. {', '.join(keys[:3])})")
+        raise InputError(f"weights {label} do not fit this backbone: " + "; ".join(parts))
     backbone.load_state_dict(state, strict=True)

@@ -22,15 +22,30 @@ class Bleep(nn.Module):
         self.image_projection = ProjectionHead(self.image_encoder.num_features, cfg.embed_dim, cfg.dropout)
         self.expression_projection = ProjectionHead(len(cfg.genes), cfg.embed_dim, cfg.dropout)
 
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+    def image_features(self, images: torch.Tensor, views: int = 1) -> torch.Tensor:
+        """uint8 NHWC patches → pooled backbone features, averaged over the first ``views``
+        dihedral views (rotations/flips: deterministic test-time averaging)."""
+        feats = [self.image_encoder(self.normalize(dihedral(images, v))) for v in range(views)]
+        return torch.stack(feats).mean(0) if views > 1 else feats[0]
+
+    def encode_image(self, images: torch.Tensor, views: int = 1) -> torch.Tensor:
         """uint8 NHWC patches → image embeddings (not normalised)."""
-        return self.image_projection(self.image_encoder(self.normalize(images)))
+        return self.image_projection(self.image_features(images, views))
 
     def encode_expression(self, expression: torch.Tensor) -> torch.Tensor:
         return self.expression_projection(expression)
 
     def forward(self, images: torch.Tensor, expression: torch.Tensor) -> torch.Tensor:
         return bleep_loss(self.encode_image(images), self.encode_expression(expression), self.cfg.temperature)
+
+
+def dihedral(images: torch.Tensor, view: int) -> torch.Tensor:
+    """View 0..7 of the dihedral group on NHWC images: 4 rotations × optional horizontal flip."""
+    if view % 4:
+        images = torch.rot90(images, view % 4, dims=(1, 2))
+    if view >= 4:
+        images = images.flip(2)
+    return images
 
 
 def bleep_loss(image_emb: torch.Tensor, expr_emb: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
