@@ -95,7 +95,7 @@ def training_options(fn):
 
 def _train_options(kwargs: dict) -> api.TrainOptions:
     keys = ("genes_file", "n_genes", "backbone", "weights", "patch_um", "patch_px", "epochs", "batch_size", "lr", "head_lr", "seed", "freeze_backbone", "views")
-    if str(kwargs.get("weights")).lower() == "none":
+    if kwargs.get("weights") is not None and kwargs["weights"].lower() == "none":
         kwargs = {**kwargs, "weights": ""}  # explicit random initialisation
     return api.TrainOptions(**{k: kwargs[k] for k in keys})
 

@@ -62,13 +62,20 @@ def otsu_threshold(values: np.ndarray) -> float:
 
 
 def tissue_mask(thumbnail: np.ndarray) -> np.ndarray:
-    """Boolean tissue mask of an RGB thumbnail: Otsu on saturation (H&E stain is coloured, glass
-    and background are grey/white), with near-white and near-black pixels excluded."""
+    """Boolean tissue mask of an RGB thumbnail: stained pixels (saturation above its Otsu
+    threshold: glass and background are grey) that are also not bright (grey level below its Otsu
+    threshold, at least 180: this drops pale stain smeared on the glass), then small gaps closed
+    and holes filled."""
+    from scipy import ndimage
+
     rgb = thumbnail.astype(np.int16)
     saturation = (rgb.max(axis=-1) - rgb.min(axis=-1)).astype(np.uint8)
-    threshold = max(otsu_threshold(saturation), 8.0)  # a blank slide has no contrast to split
     brightness = rgb.mean(axis=-1)
-    return (saturation > threshold) & (brightness < 245) & (brightness > 20)
+    sat_threshold = max(otsu_threshold(saturation), 8.0)  # a blank slide has no contrast to split
+    grey_threshold = max(otsu_threshold(brightness.astype(np.uint8)), 180.0)
+    mask = (saturation > sat_threshold) & (brightness < grey_threshold) & (brightness > 20)
+    mask = ndimage.binary_closing(mask, structure=np.ones((3, 3)), iterations=2)
+    return ndimage.binary_fill_holes(mask)
 
 
 def tile_grid(slide: Slide, *, tile_um: float, min_tissue: float = 0.5, thumb_side: int = 2048) -> PatchGrid:

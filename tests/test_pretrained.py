@@ -49,7 +49,8 @@ def classifier_model(source_state):
 
 @pytest.fixture(scope="module")
 def he_patches() -> np.ndarray:
-    """Twelve 224 px tissue tiles (112 µm) spread over a real H&E slide, uint8 NHWC."""
+    """Twelve 224 px tissue tiles (112 µm) of a real H&E slide, uint8 NHWC: the most stained
+    half of the tissue tiles, spread over the slide (tiles mostly of lumen or glass say little)."""
     if not SVS.is_file():
         pytest.skip(f"real data not available: {SVS} is absent")
     from histoindex.io import open_slide
@@ -59,8 +60,10 @@ def he_patches() -> np.ndarray:
     try:
         grid = tile_grid(slide, tile_um=112.0)
         side = 112.0 / slide.mpp
-        picks = np.linspace(0, len(grid) - 1, 12).astype(int)
-        patches = np.stack([slide.read_region(x - side / 2, y - side / 2, side, 224) for x, y in grid.xy[picks]])
+        tiles = np.stack([slide.read_region(x - side / 2, y - side / 2, side, 224) for x, y in grid.xy])
+        stain = (tiles.max(axis=-1).astype(int) - tiles.min(axis=-1)).mean(axis=(1, 2))
+        stained = np.sort(np.argsort(-stain)[: max(12, len(tiles) // 2)])  # keep slide order
+        patches = tiles[stained[np.linspace(0, len(stained) - 1, 12).astype(int)]]
     finally:
         slide.close()
     assert patches.shape == (12, 224, 224, 3) and patches.std() > 20
@@ -278,3 +281,12 @@ def test_cli_rejects_registered_weights_with_another_backbone(sections, tmp_path
     assert result.exit_code == 1
     assert "Error: --weights lite0-imagenet fits backbone tf_efficientnet_lite0, not resnet18; leave --backbone out or pass --backbone tf_efficientnet_lite0" in result.output
     assert not db.exists()
+
+
+def test_cli_default_weights_are_the_offline_imagenet_ones(sections, tmp_path):
+    """No --weights and no --backbone on the command line: the default recipe's pretrained weights."""
+    run("train", sections.train_h5ad, "--db", tmp_path / "db", "--patch-px", "32", "--epochs", "1", "--n-genes", "16", "--batch-size", "16", "--views", "1")
+    cfg = Store(tmp_path / "db").model().cfg
+    assert (cfg.backbone, cfg.weights, cfg.freeze_backbone) == (BACKBONE, NAME, True)
+    run("train", sections.train_h5ad, "--db", tmp_path / "db2", "--weights", "none", "--backbone", "test_resnet", "--patch-px", "32", "--epochs", "1", "--n-genes", "16", "--batch-size", "16", "--views", "1")
+    assert Store(tmp_path / "db2").model().cfg.weights == ""

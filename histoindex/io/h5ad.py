@@ -16,7 +16,7 @@ import scipy.sparse as sp
 
 from ..data import SPOT_DIAMETER_UM, ImageRef, SpotSet
 from ..errors import InputError, LowResolutionImageWarning
-from .slides import image_mpp
+from .slides import reference_mpp
 
 
 def _read(path: Path):
@@ -84,19 +84,10 @@ def read_h5ad(
     diameter = float(diameter) if diameter else None
 
     image_ref = _image_ref(path, adata, lib, image, scalefactors)
-    if mpp is None and image_ref.path is not None:
-        mpp = image_mpp(image_ref.path)
-        if mpp is not None and image_ref.scale != 1.0:
-            mpp = mpp * image_ref.scale  # the image is downscaled; full-resolution pixels are smaller
-    if mpp is None:
-        spot_um = SPOT_DIAMETER_UM.get(platform)
-        if diameter is None or spot_um is None:
-            raise InputError(
-                f"{where}: no pixel size: the image has none in its metadata and "
-                f"{'there is no spot_diameter_fullres' if diameter is None else f'platform {platform!r} has no known spot size'}"
-                "; pass --mpp"
-            )
-        mpp = spot_um / diameter
+    mpp = reference_mpp(
+        mpp=mpp, image_path=image_ref.path, image_scale=image_ref.scale, spot_diameter_px=diameter,
+        spot_um=SPOT_DIAMETER_UM.get(platform), where=where, diameter_source="uns['spatial'][...]['scalefactors']",
+    )
 
     return SpotSet(
         name=name or path.stem,
