@@ -28,7 +28,7 @@ from .patch import iter_patches, spot_patches, tile_grid
 
 # torch and timm (seconds to import) load only inside the commands that run a model, so `sql`,
 # `versions` and `info` start fast.
-from .search import build_filter, check_filter_values, load_references, search
+from .search import build_filter, check_filter_values, count_candidates, load_references, plan_search, search
 from .sql import run_sql
 from .store import Store, spot_rows
 
@@ -304,6 +304,7 @@ def query(
     device: str | None = None,
     batch_size: int = 64,
     plot: Sequence[str] = (),
+    search_mode: str = "auto",
     log: Log = _quiet,
 ) -> QueryResult:
     """Impute expression over a slide (tissue tiles of the model's patch size, or the positions in
@@ -330,7 +331,8 @@ def query(
         plot = check_gene_names(plot, cfg.genes, where=f"model {record.model_id}")
     check_filter_values(store, version=version, model_id=record.model_id, tissue=tissue, platform=platform, species=species)
     predicate = build_filter(model_id=record.model_id, tissue=tissue, platform=platform, species=species, where=where)
-    references = load_references(store, where=predicate, version=version)  # a bad filter fails here, before any pixels
+    path = plan_search(search_mode, count_candidates(store, where=predicate, version=version))  # a bad filter fails here
+    references = load_references(store, where=predicate, version=version, embeddings=path == "exact")
 
     slide = open_slide(slide_path, mpp=mpp)
     try:
@@ -351,7 +353,7 @@ def query(
     finally:
         slide.close()
 
-    hits, references = search(store, embeddings, where=predicate, k=k, references=references)
+    hits, references = search(store, embeddings, where=predicate, k=k, references=references, mode=path, device=str(torch_device))
     predicted = impute(hits, references.expression)
 
     run_id = uuid.uuid4().hex[:12]
@@ -391,7 +393,7 @@ def query(
         }
     )
     predictions_version = store.add_predictions(rows)
-    log(f"predicted {n_genes} genes for {n} tiles (k={hits.k}, spots@{references.spots_version}); predictions@{predictions_version}")
+    log(f"predicted {n_genes} genes for {n} tiles ({path} top-{hits.k} of {len(references.row_ids)} references, spots@{references.spots_version}); predictions@{predictions_version}")
     plots = tuple(plot_predictions(out, genes=[gene], out=picture_path(out, gene)) for gene in plot)
     for picture in plots:
         log(f"drew {picture}")
@@ -464,6 +466,31 @@ def evaluate(
     return result
 
 
+# ---- indexes ------------------------------------------------------------------------------
+def create_index(*, db: str | Path, index_type: str = "IVF_PQ", num_partitions: int | None = None, num_sub_vectors: int | None = None) -> int:
+    """Build the ANN index on the reference expression embeddings (cosine) used by
+    ``query --search ann`` (and ``auto`` above the exact-search size), and bring the scalar indexes
+    up to date with rows ingested since they were built. Returns the new spots version."""
+    from .store import Store as _Store
+
+    store = _Store(db)
+    tbl = store.table("spots")
+    n = tbl.count_rows()
+    if n == 0:
+        raise StoreError("the spots table is empty: ingest a reference first")
+    kinds = {"IVF_PQ", "IVF_FLAT", "IVF_HNSW_SQ"}
+    index_type = index_type.upper()
+    if index_type not in kinds:
+        raise InputError(f"unknown index type {index_type!r}; use one of {', '.join(sorted(kinds))}")
+    partitions = num_partitions or max(1, min(int(np.sqrt(n)), n // 256 or 1))
+    kwargs = {"metric": "cosine", "vector_column_name": "expression_embedding", "index_type": index_type, "num_partitions": partitions, "replace": True}
+    if index_type == "IVF_PQ":
+        kwargs["num_sub_vectors"] = num_sub_vectors or 16
+    tbl.create_index(**kwargs)
+    tbl.optimize()  # folds new rows into the scalar indexes
+    return tbl.version
+
+
 # ---- SQL and overview ---------------------------------------------------------------------
 def sql(statement: str, *, db: str | Path | None) -> pa.Table:
     """Run a DuckDB statement over the store's tables (spots, predictions, models and the
@@ -490,6 +517,7 @@ __all__ = [
     "read_reference",
     "train",
     "evaluate",
+    "create_index",
     "ingest",
     "query",
     "plot",

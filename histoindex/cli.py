@@ -214,10 +214,11 @@ def ingest(reference, tissue, platform, species, dataset, model_id, db, image, m
 @click.option("--model", "model_id", help="Model id (default: the newest with ingested spots).")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--plot", "plot_genes", multiple=True, metavar="GENE", help="Also draw this gene over the slide into <out stem>.<GENE>.png (repeatable; needs --out).")
+@click.option("--search", "search_mode", type=click.Choice(["auto", "exact", "ann"]), default="auto", show_default=True, help="exact: in-memory matrix products over the filtered references; ann: LanceDB's vector index (histoindex index); auto: exact up to 2M candidates.")
 @db_option
 @device_option
 @handle_errors
-def query(slide, tissue, platform, species, where, k, out, mpp, as_of, spots_file, model_id, batch_size, plot_genes, db, device):
+def query(slide, tissue, platform, species, where, k, out, mpp, as_of, spots_file, model_id, batch_size, plot_genes, search_mode, db, device):
     """Impute expression over a slide by retrieval from the reference.
 
     Example:
@@ -228,7 +229,8 @@ def query(slide, tissue, platform, species, where, k, out, mpp, as_of, spots_fil
         raise click.UsageError("--plot needs --out: pictures are drawn from the predictions file")
     result = api.query(
         slide, db=db, tissue=tissue, platform=platform, species=species, where=where, k=k, out=out, mpp=mpp,
-        as_of=as_of, spots=spots_file, model_id=model_id, device=device, batch_size=batch_size, plot=plot_genes, log=_log,
+        as_of=as_of, spots=spots_file, model_id=model_id, device=device, batch_size=batch_size, plot=plot_genes,
+        search_mode=search_mode, log=_log,
     )
     target = f" → {result.out}" if result.out else ""
     click.echo(f"{result.n_tiles} tiles × {len(result.genes)} genes, run {result.run_id}, spots@{result.spots_version}, predictions@{result.predictions_version}{target}")
@@ -305,6 +307,24 @@ def sql(statement, db, fmt):
         histoindex sql "SELECT slide, avg(value) FROM predictions_long WHERE gene = 'FASN' GROUP BY slide"
     """
     _render(api.sql(statement, db=db), fmt)
+
+
+@cli.command()
+@db_option
+@click.option("--type", "index_type", type=click.Choice(["IVF_PQ", "IVF_FLAT", "IVF_HNSW_SQ"], case_sensitive=False), default="IVF_PQ", show_default=True)
+@click.option("--partitions", type=int, help="IVF partitions (default: about sqrt(rows)).")
+@click.option("--sub-vectors", type=int, help="PQ sub-vectors (IVF_PQ; default 16).")
+@handle_errors
+def index(db, index_type, partitions, sub_vectors):
+    """Build the ANN index on the reference expression embeddings (for `query --search ann`) and
+    refresh the scalar indexes on the filter columns. Makes new spots versions.
+
+    Example:
+
+        histoindex index --db liver.db --type IVF_PQ
+    """
+    version = api.create_index(db=db, index_type=index_type, num_partitions=partitions, num_sub_vectors=sub_vectors)
+    click.echo(f"indexed spots@{version}")
 
 
 @cli.command()

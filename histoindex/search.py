@@ -1,5 +1,12 @@
 """Top-k search of query image embeddings against the reference expression embeddings, with the
-filter pushed down into LanceDB (prefilter), in one batched call."""
+filter pushed down into LanceDB (prefilter), for a whole batch of queries at once.
+
+A small planner picks the path. ``exact``: the filtered reference embeddings are read once (the
+filter runs inside the Lance scan) and top-k comes from chunked matrix products (torch, on the GPU
+when present) — exact, and the fastest path while the candidates fit in memory. ``ann``: LanceDB's
+vector index (``histoindex index``), with ``nprobes`` and ``refine_factor``, for references too large
+to hold; without an index LanceDB falls back to its own flat scan. ``auto``: exact up to
+``EXACT_MAX_ROWS`` candidates, else ann."""
 
 from __future__ import annotations
 
@@ -20,6 +27,21 @@ class ReferenceBlock:
     row_ids: np.ndarray
     expression: np.ndarray
     spots_version: int
+    embeddings: np.ndarray | None = None  # expression embeddings, for the exact path
+
+
+SEARCH_MODES = ("auto", "exact", "ann")
+#: candidates held in memory for exact search: 2M × 256 float32 = 2 GB
+EXACT_MAX_ROWS = 2_000_000
+
+
+def plan_search(mode: str, n_candidates: int) -> str:
+    """``exact`` or ``ann`` for a search over ``n_candidates`` filtered rows."""
+    if mode not in SEARCH_MODES:
+        raise StoreError(f"unknown search mode {mode!r}; use one of {', '.join(SEARCH_MODES)}")
+    if mode == "auto":
+        return "exact" if n_candidates <= EXACT_MAX_ROWS else "ann"
+    return mode
 
 
 def build_filter(*, model_id: str, tissue: str | None = None, platform: str | None = None, species: str | None = None, where: str | None = None) -> str:
@@ -47,10 +69,13 @@ def check_filter_values(store: Store, *, version: int | None, model_id: str, **f
             )
 
 
-def load_references(store: Store, *, where: str, version: int | None = None) -> ReferenceBlock:
+def load_references(store: Store, *, where: str, version: int | None = None, embeddings: bool = False) -> ReferenceBlock:
+    """The rows matching ``where`` (one Lance scan with the filter pushed down): row ids, expression
+    profiles and, with ``embeddings``, the expression embeddings for exact search."""
     tbl = store.table("spots", version=version)
+    columns = ["expression", "expression_embedding"] if embeddings else ["expression"]
     try:
-        arrow = tbl.search().where(where).select(["expression"]).with_row_id(True).limit(None).to_arrow()
+        arrow = tbl.search().where(where).select(columns).with_row_id(True).limit(None).to_arrow()
     except Exception as exc:
         raise StoreError(f"cannot apply filter {where!r}: {exc}") from exc
     if arrow.num_rows == 0:
@@ -60,7 +85,19 @@ def load_references(store: Store, *, where: str, version: int | None = None) -> 
     lists = arrow.column("expression").combine_chunks()
     n_genes = len(lists[0])
     expression = lists.flatten().to_numpy(zero_copy_only=False).reshape(-1, n_genes)
-    return ReferenceBlock(row_ids=row_ids[order], expression=expression[order], spots_version=tbl.version)
+    keys = None
+    if embeddings:
+        vectors = arrow.column("expression_embedding").combine_chunks()
+        keys = vectors.flatten().to_numpy(zero_copy_only=False).reshape(len(vectors), -1)[order]
+    return ReferenceBlock(row_ids=row_ids[order], expression=expression[order], spots_version=tbl.version, embeddings=keys)
+
+
+def count_candidates(store: Store, *, where: str, version: int | None = None) -> int:
+    tbl = store.table("spots", version=version)
+    try:
+        return tbl.count_rows(where)
+    except Exception as exc:
+        raise StoreError(f"cannot apply filter {where!r}: {exc}") from exc
 
 
 def search(
@@ -71,23 +108,35 @@ def search(
     k: int = 50,
     version: int | None = None,
     references: ReferenceBlock | None = None,
+    mode: str = "auto",
+    device: str = "cpu",
+    nprobes: int = 20,
+    refine_factor: int = 5,
 ) -> tuple[Hits, ReferenceBlock]:
     """For each query (unit-length image embedding), the ``k`` most cosine-similar reference
-    expression embeddings among rows matching ``where``. One batched LanceDB call with prefilter."""
+    expression embeddings among rows matching ``where``, by the path :func:`plan_search` picks."""
     if k < 1:
         raise StoreError(f"k must be at least 1, got {k}")
-    references = references or load_references(store, where=where, version=version)
-    tbl = store.table("spots", version=references.spots_version)
+    if references is None:
+        path = plan_search(mode, count_candidates(store, where=where, version=version))
+        references = load_references(store, where=where, version=version, embeddings=path == "exact")
+    else:
+        path = "exact" if references.embeddings is not None and mode != "ann" else "ann"
     k_eff = min(k, len(references.row_ids))
-    result = (
+    if path == "exact":
+        indices, sims = exact_topk(queries, references.embeddings, k_eff, device=device)
+        return Hits(indices=indices, similarities=sims, spots_version=references.spots_version), references
+
+    tbl = store.table("spots", version=references.spots_version)
+    builder = (
         tbl.search(np.ascontiguousarray(queries, np.float32), vector_column_name="expression_embedding")
         .distance_type("cosine")
         .where(where, prefilter=True)
         .limit(k_eff)
-        .select(["_distance"])
-        .with_row_id(True)
-        .to_arrow()
     )
+    if has_vector_index(tbl):
+        builder = builder.nprobes(nprobes).refine_factor(refine_factor)
+    result = builder.select(["_distance"]).with_row_id(True).to_arrow()
     query_index = result.column("query_index").to_numpy() if "query_index" in result.column_names else np.zeros(result.num_rows, np.int64)
     row_ids = result.column("_rowid").to_numpy()
     distance = result.column("_distance").to_numpy()
@@ -104,6 +153,10 @@ def search(
         spots_version=references.spots_version,
     )
     return hits, references
+
+
+def has_vector_index(tbl) -> bool:
+    return any(i.columns == ["expression_embedding"] for i in tbl.list_indices())
 
 
 def exact_topk(queries: np.ndarray, keys: np.ndarray, k: int, *, device: str = "cpu", chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
