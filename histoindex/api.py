@@ -478,15 +478,17 @@ def create_index(*, db: str | Path, index_type: str = "IVF_PQ", num_partitions: 
     n = tbl.count_rows()
     if n == 0:
         raise StoreError("the spots table is empty: ingest a reference first")
-    kinds = {"IVF_PQ", "IVF_FLAT", "IVF_HNSW_SQ"}
+    from lancedb.index import HnswSq, IvfFlat, IvfPq
+
+    kinds = {"IVF_PQ": IvfPq, "IVF_FLAT": IvfFlat, "IVF_HNSW_SQ": HnswSq}
     index_type = index_type.upper()
     if index_type not in kinds:
         raise InputError(f"unknown index type {index_type!r}; use one of {', '.join(sorted(kinds))}")
     partitions = num_partitions or max(1, min(int(np.sqrt(n)), n // 256 or 1))
-    kwargs = {"metric": "cosine", "vector_column_name": "expression_embedding", "index_type": index_type, "num_partitions": partitions, "replace": True}
+    options = {"distance_type": "cosine", "num_partitions": partitions}
     if index_type == "IVF_PQ":
-        kwargs["num_sub_vectors"] = num_sub_vectors or 16
-    tbl.create_index(**kwargs)
+        options["num_sub_vectors"] = num_sub_vectors or 16
+    tbl.create_index("expression_embedding", config=kinds[index_type](**options), replace=True)
     tbl.optimize()  # folds new rows into the scalar indexes
     return tbl.version
 

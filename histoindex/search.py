@@ -165,7 +165,7 @@ def exact_topk(queries: np.ndarray, keys: np.ndarray, k: int, *, device: str = "
     import torch
 
     k = min(k, len(keys))
-    keys_t = torch.from_numpy(np.ascontiguousarray(keys, np.float32)).to(device)
+    keys_t = torch.from_numpy(np.require(keys, np.float32, ["C", "W"])).to(device)  # Arrow buffers are read-only
     indices = np.empty((len(queries), k), np.int64)
     sims = np.empty((len(queries), k), np.float32)
     with torch.inference_mode():

@@ -54,14 +54,24 @@ def _train_end_to_end(model, images_all, expression_all, cfg, generator, device,
         [{"params": model.image_encoder.parameters(), "lr": cfg.lr}, {"params": head_params, "lr": cfg.head_lr}],
         weight_decay=cfg.weight_decay,
     )
-    batch_size = min(cfg.batch_size, len(images_all))
+
+    def step(idx: torch.Tensor) -> torch.Tensor:
+        images = _augment(images_all[idx], generator).to(device)
+        return model(images, expression_all[idx].to(device))
+
+    return _fit(step, [model], optimizer, len(images_all), cfg, generator, progress)
+
+
+def _fit(step, modules, optimizer, n: int, cfg, generator, progress) -> list[float]:
+    """The epoch loop shared by both ways of training: ``step(batch indices)`` returns the loss."""
+    batch_size = min(cfg.batch_size, n)
     history = []
     for epoch in range(cfg.epochs):
-        model.train()
+        for module in modules:
+            module.train()
         losses = []
-        for idx in _batches(len(images_all), batch_size, generator):
-            images = _augment(images_all[idx], generator).to(device)
-            loss = model(images, expression_all[idx].to(device))
+        for idx in _batches(n, batch_size, generator):
+            loss = step(idx)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -86,23 +96,13 @@ def _train_heads(model, patches, expression_all, cfg, generator, device, progres
     features = torch.from_numpy(features)
     heads = [p for n, p in model.named_parameters() if not n.startswith("image_encoder.")]
     optimizer = torch.optim.AdamW(heads, lr=cfg.head_lr, weight_decay=cfg.weight_decay)
-    batch_size = min(cfg.batch_size, len(features))
-    history = []
-    for epoch in range(cfg.epochs):
-        model.image_projection.train()
-        model.expression_projection.train()
-        losses = []
-        for idx in _batches(len(features), batch_size, generator):
-            view = torch.randint(0, features.shape[1], (len(idx),), generator=generator)
-            feats = features[idx, view].to(device)
-            loss = bleep_loss(model.image_projection(feats), model.encode_expression(expression_all[idx].to(device)), cfg.temperature)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        history.append(float(np.mean(losses)) if losses else float("nan"))
-        if progress:
-            progress(epoch + 1, cfg.epochs, history[-1])
+
+    def step(idx: torch.Tensor) -> torch.Tensor:
+        view = torch.randint(0, features.shape[1], (len(idx),), generator=generator)
+        feats = features[idx, view].to(device)
+        return bleep_loss(model.image_projection(feats), model.encode_expression(expression_all[idx].to(device)), cfg.temperature)
+
+    history = _fit(step, [model.image_projection, model.expression_projection], optimizer, len(features), cfg, generator, progress)
     for p in model.image_encoder.parameters():
         p.requires_grad_(True)
     return history
