@@ -396,7 +396,7 @@ def demo(workdir, device):
 
     result = run_demo(workdir, device=device, log=_log)
     click.echo(
-        f"held-out Pearson r (mean over {result.n_heldout_spots} spots' genes): {result.heldout_r:.3f} "
+        f"held-out section ({result.n_heldout_spots} spots): mean per-gene Pearson r {result.heldout_r:.3f} "
         f"(signature genes {result.heldout_r_markers:.3f}; a constant predictor scores 0)\n"
         f"held-out MSE: model {result.mse_model:.3f} vs constant (training mean) {result.mse_constant:.3f}\n"
         f"store: {result.db}  |  {result.seconds:.0f} s"
