@@ -449,9 +449,7 @@ def evaluate(
     from .evaluate import BREAST_MARKERS, evaluate as run_evaluation
 
     if out is not None:
-        out = Path(out)
-        if out.suffix.lower() != ".parquet" or not out.parent.exists():
-            raise InputError(f"--out {out}: expected a .parquet path in an existing folder")
+        out = check_output_path(out, (".parquet",))
     result = run_evaluation(
         references, holdouts=holdouts, options=options, markers=markers or BREAST_MARKERS, k=k,
         baselines=baselines, device=device, log=log,
@@ -459,9 +457,9 @@ def evaluate(
     if out is not None:
         import pyarrow.parquet as pq
 
-        table = result.predictions_table()
         import json as _json
 
+        table = result.predictions_table()
         pq.write_table(table.replace_schema_metadata({"histoindex": _json.dumps(result.to_dict(), default=str)}), out)
     return result
 

@@ -521,12 +521,9 @@ def _read_truth(truth: str | Path | SpotSet, slide_path: Path | None, mpp: float
 
 def check_picture_path(path: str | Path) -> Path:
     """Fail before any work when the picture's type is unsupported or its folder is missing."""
-    path = Path(path)
-    if path.suffix.lower() not in PICTURE_SUFFIXES:
-        raise InputError(f"--out {path}: unsupported picture type; use {', '.join(PICTURE_SUFFIXES)}")
-    if not path.parent.exists():
-        raise InputError(f"--out {path}: folder {path.parent} does not exist")
-    return path
+    from .io.write import check_output_path
+
+    return check_output_path(path, tuple(PICTURE_SUFFIXES), kind="picture type")
 
 
 def picture_path(predictions: str | Path, gene: str) -> Path:

@@ -14,11 +14,11 @@ from ..errors import InputError
 OUTPUT_SUFFIXES = (".parquet", ".h5ad")
 
 
-def check_output_path(path: str | Path) -> Path:
+def check_output_path(path: str | Path, suffixes: tuple[str, ...] = OUTPUT_SUFFIXES, *, kind: str = "type") -> Path:
     """Fail before any work when the output's type is unsupported or its folder is missing."""
     path = Path(path)
-    if path.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise InputError(f"--out {path}: unsupported type; use .parquet or .h5ad")
+    if path.suffix.lower() not in suffixes:
+        raise InputError(f"--out {path}: unsupported {kind}; use {' or '.join(suffixes)}")
     if not path.parent.exists():
         raise InputError(f"--out {path}: folder {path.parent} does not exist")
     return path
