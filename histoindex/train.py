@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -11,8 +12,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed
 from .data import SpotSet
+from .errors import HistoindexWarning, InputError
 from .models import ModelConfig, create_model
+from .models.bleep import bleep_loss
 from .patch import spot_patches
 
 
@@ -55,25 +59,34 @@ def _train_end_to_end(model, images_all, expression_all, cfg, generator, device,
         weight_decay=cfg.weight_decay,
     )
 
-    def step(idx: torch.Tensor) -> torch.Tensor:
+    def step(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = distributed.local_rows(idx)  # the augmentation draws do not depend on the slice
         images = _augment(images_all[idx], generator).to(device)
-        return model(images, expression_all[idx].to(device))
+        return model.encode_image(images), model.encode_expression(expression_all[idx].to(device))
 
     return _fit(step, [model], optimizer, len(images_all), cfg, generator, progress)
 
 
 def _fit(step, modules, optimizer, n: int, cfg, generator, progress) -> list[float]:
-    """The epoch loop shared by both ways of training: ``step(batch indices)`` returns the loss."""
+    """The epoch loop shared by both ways of training: ``step(global batch indices)`` returns the
+    (image, expression) embeddings of this process's slice of the batch; the loss is computed on
+    the embeddings of the whole batch, gathered from every process, and the gradients averaged
+    over processes, so that distributed training takes the same steps as one process."""
     batch_size = min(cfg.batch_size, n)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     history = []
     for epoch in range(cfg.epochs):
         for module in modules:
             module.train()
         losses = []
         for idx in _batches(n, batch_size, generator):
-            loss = step(idx)
+            image_emb, expr_emb = step(idx)
+            loss = bleep_loss(distributed.gather_cat(image_emb), distributed.gather_cat(expr_emb), cfg.temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            # each rank's gradients hold world_size × its slice's share of the full-batch gradient
+            # (all_gather's backward sums over ranks): their mean is the full-batch gradient
+            distributed.average_gradients(params)
             optimizer.step()
             losses.append(loss.item())
         history.append(float(np.mean(losses)) if losses else float("nan"))
@@ -86,7 +99,6 @@ def _train_heads(model, patches, expression_all, cfg, generator, device, progres
     """Frozen backbone: its features are computed once for all 8 dihedral views of every patch
     (or given); each step sees one random view per spot (augmentation at the cost of a lookup)."""
     from .embed import backbone_features, batched
-    from .models.bleep import bleep_loss
 
     model.eval()
     for p in model.image_encoder.parameters():
@@ -97,15 +109,36 @@ def _train_heads(model, patches, expression_all, cfg, generator, device, progres
     heads = [p for n, p in model.named_parameters() if not n.startswith("image_encoder.")]
     optimizer = torch.optim.AdamW(heads, lr=cfg.head_lr, weight_decay=cfg.weight_decay)
 
-    def step(idx: torch.Tensor) -> torch.Tensor:
-        view = torch.randint(0, features.shape[1], (len(idx),), generator=generator)
+    def step(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        view = torch.randint(0, features.shape[1], (len(idx),), generator=generator)  # for the global batch
+        idx, view = distributed.local_rows(idx), distributed.local_rows(view)
         feats = features[idx, view].to(device)
-        return bleep_loss(model.image_projection(feats), model.encode_expression(expression_all[idx].to(device)), cfg.temperature)
+        return model.image_projection(feats), model.encode_expression(expression_all[idx].to(device))
 
     history = _fit(step, [model.image_projection, model.expression_projection], optimizer, len(features), cfg, generator, progress)
     for p in model.image_encoder.parameters():
         p.requires_grad_(True)
     return history
+
+
+def _prepare_distributed(model: nn.Module, cfg: ModelConfig, device: torch.device) -> nn.Module:
+    """Start every process from rank 0's model; share batch-norm statistics across processes
+    when fine-tuning on GPUs (PyTorch cannot on CPUs: there they are per process)."""
+    distributed.broadcast_module(model)
+    torch.manual_seed(cfg.seed + distributed.rank())  # dropout: not the same masks on every process's rows
+    has_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if has_batch_norm and not cfg.freeze_backbone:
+        if device.type == "cuda":
+            from ._compat import import_timm
+
+            model = import_timm().layers.convert_sync_batchnorm(model)
+        else:
+            warnings.warn(
+                "batch norm statistics are per process when training on CPUs: the result depends on the number of processes",
+                HistoindexWarning,
+                stacklevel=3,
+            )
+    return model
 
 
 def train_model(
@@ -123,22 +156,46 @@ def train_model(
     ``progress(epoch, epochs, loss)`` is called after each epoch. ``features`` (n_spots, 8,
     n_features): precomputed frozen-backbone features of the 8 dihedral views of every spot, in
     reference order (only with ``cfg.freeze_backbone``; saves recomputing them across runs).
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) this joins the process group (see
+    :func:`histoindex.distributed.init_from_env`) and trains data-parallel: each process embeds
+    its slice of every batch of ``cfg.batch_size`` spots (which must divide evenly among the
+    processes) and the loss is computed on the embeddings gathered from all of them, so the loss
+    and the model are those of one process, up to float rounding, but for dropout (other masks,
+    alike in distribution) and for batch norm on CPUs (synchronised on GPUs, per process on
+    CPUs). Every process returns the same model; ``progress`` is called on rank 0 only.
     """
     device = torch.device(device)
     started = time.perf_counter()
+    distributed.init_from_env("nccl" if device.type == "cuda" else "gloo")
+    world = distributed.world_size()
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())  # this process's GPU (LOCAL_RANK)
     generator = seed_everything(cfg.seed)
     if features is not None and not cfg.freeze_backbone:
         raise ValueError("precomputed features only apply to a frozen backbone")
+    n_spots = len(features) if features is not None else sum(ref.n_obs for ref in references)
+    if min(cfg.batch_size, n_spots) % world:
+        raise InputError(
+            f"batch size {min(cfg.batch_size, n_spots)} cannot be split evenly over {world} processes; "
+            f"choose a batch size divisible by {world}"
+        )
     patches = None if features is not None else np.concatenate([spot_patches(ref, patch_um=cfg.patch_um, patch_px=cfg.patch_px) for ref in references])
     expression = np.concatenate([ref.normalized(list(cfg.genes)) for ref in references])
     read_seconds = time.perf_counter() - started
 
     model = create_model(cfg, weights=weights).to(device).to(memory_format=torch.channels_last)
+    if world > 1:
+        model = _prepare_distributed(model, cfg, device)
+        if distributed.rank() != 0:
+            progress = None
     expression_all = torch.from_numpy(expression)
     if cfg.freeze_backbone:
         history = _train_heads(model, patches, expression_all, cfg, generator, device, progress, features)
     else:
         history = _train_end_to_end(model, torch.from_numpy(patches), expression_all, cfg, generator, device, progress)
+    if world > 1:
+        distributed.broadcast_module(model)  # identical already, but for per-process (CPU) batch-norm statistics
     model.eval()
     metrics = {
         "train_loss": history,
@@ -149,4 +206,6 @@ def train_model(
         "train_seconds": round(time.perf_counter() - started - read_seconds, 2),
         "device": str(device),
     }
+    if world > 1:
+        metrics["world_size"] = world
     return TrainingResult(model=model.cpu(), cfg=cfg, metrics=metrics)
