@@ -26,6 +26,8 @@ _SCALARS = {
     "int32": pa.int32(),
     "int64": pa.int64(),
     "bool": pa.bool_(),
+    "binary": pa.binary(),
+    "large_binary": pa.large_binary(),
     "timestamp[us, UTC]": pa.timestamp("us", tz="UTC"),
 }
 

@@ -1,5 +1,6 @@
 """SQL over the store with DuckDB: the tables are exposed as views over their Lance datasets
-(scanned in place, never copied), plus long-format views with one row per gene."""
+(scanned in place, never copied; ``models`` without its ``weights`` blobs), plus long-format views
+with one row per gene."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import duckdb
 import pyarrow as pa
 
 from .errors import HistoindexError, StoreError
-from .store import Store
+from .store import WEIGHTS, Store
 
 LONG_VIEWS = {
     # one row per (tile, gene): per-gene analytics as a single GROUP BY
@@ -35,7 +36,11 @@ def connect(store: Store | None, *, versions: dict[str, int] | None = None) -> d
     present = store.table_names()
     for name in present:
         dataset = store.table(name, version=versions.get(name)).to_lance()
-        con.register(name, dataset)
+        if WEIGHTS in dataset.schema.names:  # models: the weights blobs stay out of SQL
+            con.register(f"_lance_{name}", dataset)
+            con.execute(f"CREATE VIEW {name} AS SELECT * EXCLUDE ({WEIGHTS}) FROM _lance_{name}")
+        else:
+            con.register(name, dataset)
     for view, body in LONG_VIEWS.items():
         needed = {"models", view.split("_")[0]}
         if needed <= set(present):

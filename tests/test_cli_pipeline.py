@@ -15,11 +15,18 @@ from histoindex.store import Store
 from .conftest import run
 
 
+def safe_open_metadata(blob: bytes) -> dict:
+    """The metadata of safetensors bytes (8-byte header length, then the JSON header)."""
+    size = int.from_bytes(blob[:8], "little")
+    return json.loads(blob[8 : 8 + size])["__metadata__"]
+
+
 def test_trained_model_is_registered_with_its_config(trained_store):
     store = Store(trained_store)
     (model,) = store.models()
-    assert model.weights_path.is_file() and model.weights_path.suffix == ".safetensors"
-    assert model.weights_path.parent == trained_store / "models"
+    weights = model.weights()  # safetensors bytes kept in the models table, not a file beside it
+    assert json.loads(safe_open_metadata(weights)["histoindex.config"])["backbone"] == "resnet10t"
+    assert not (trained_store / "models").exists()
     cfg = model.cfg
     assert (cfg.backbone, cfg.patch_px, cfg.patch_um, cfg.seed) == ("resnet10t", 64, 110.0, 0)
     assert len(cfg.genes) == 48 and cfg.normalisation == "log1p_cp10k"

@@ -21,7 +21,7 @@ def test_other_tissue_never_in_neighbours(store, sections):
     model = st.model()
     heldout = api.read_reference(sections.heldout_h5ad)
     patches = spot_patches(heldout, patch_um=model.cfg.patch_um, patch_px=model.cfg.patch_px)[:60]
-    queries = embed_images(load_model(model.cfg, model.weights_path), [patches], device="cpu")
+    queries = embed_images(load_model(model.cfg, model.weights()), [patches], device="cpu")
     for tissue in ("breast", "lung"):
         where = build_filter(model_id=model.model_id, tissue=tissue)
         hits, refs = search(st, queries, where=where, k=50)

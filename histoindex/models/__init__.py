@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from . import bleep  # noqa: F401  (registers the family)
 from ._config import ModelConfig
-from ._factory import create_model, load_model, save_weights, state_digest
+from ._factory import create_model, load_model, save_weights, state_digest, weights_bytes
 from ._registry import is_model, list_models, register_model
 from .backbones import backbone_input_stats, create_backbone, load_backbone_weights
 from .pretrained import PretrainedSource, get_pretrained, is_pretrained, list_pretrained, register_pretrained
@@ -15,6 +15,7 @@ __all__ = [
     "load_model",
     "save_weights",
     "state_digest",
+    "weights_bytes",
     "is_model",
     "list_models",
     "register_model",

@@ -56,19 +56,35 @@ def state_digest(model: nn.Module, cfg: ModelConfig) -> str:
     return digest.hexdigest()[:16]
 
 
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def weights_bytes(model: nn.Module, cfg: ModelConfig) -> bytes:
+    """The model's state_dict as safetensors bytes (the config in its metadata), as the store keeps it."""
+    from safetensors.torch import save
+
+    return save(_cpu_state(model), metadata={"histoindex.config": cfg.to_json()})
+
+
 def save_weights(model: nn.Module, path: str | Path, cfg: ModelConfig) -> Path:
+    """Write :func:`weights_bytes` to a local safetensors file."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"histoindex.config": cfg.to_json()})
+    save_file(_cpu_state(model), str(path), metadata={"histoindex.config": cfg.to_json()})
     return path
 
 
-def load_model(cfg: ModelConfig, path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a saved model (no network: weights come from the file)."""
-    from safetensors.torch import load_file
+def load_model(cfg: ModelConfig, weights: bytes | str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a saved model from safetensors bytes (as :meth:`Store.model_weights` returns them) or
+    a local safetensors file. No network: the weights are all there is to load."""
+    from safetensors.torch import load, load_file
 
+    if isinstance(weights, (bytes, bytearray, memoryview)):
+        state = load(bytes(weights))
+    else:
+        state = load_file(str(weights))
     model = model_entrypoint(cfg.method)(cfg, pretrained=False)
-    model.load_state_dict(load_file(str(path)), strict=True)
+    model.load_state_dict(state, strict=True)
     return model.to(device).eval()
