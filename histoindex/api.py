@@ -3,6 +3,7 @@ store, so a bad input leaves the store exactly as it was."""
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -21,10 +22,10 @@ from .io.spaceranger import read_spaceranger
 from .io.st import read_st
 from .io.slides import open_slide
 from .io.tables import read_positions
-from .io.write import check_output_path, write_predictions
+from .io.write import PredictionWriter, check_output_path
 from .plot import check_gene_names, picture_path, plot_predictions  # matplotlib loads only when drawing
 from .config import ModelConfig
-from .patch import iter_patches, spot_patches, tile_grid
+from .patch import stream_patches, stream_spot_patches, tile_grid
 
 # torch and timm (seconds to import) load only inside the commands that run a model, so `sql`,
 # `versions` and `info` start fast.
@@ -33,6 +34,8 @@ from .sql import run_sql
 from .store import Store, spot_rows
 
 Log = Callable[[str], None]
+#: ``progress(step, done, total)``: called as a long step advances (the CLI draws rich progress bars)
+Progress = Callable[[str, int, int], None]
 
 
 def _quiet(_: str) -> None:
@@ -165,9 +168,16 @@ def train(
     db: str | Path,
     options: TrainOptions = TrainOptions(),
     device: str | None = None,
+    progress: Progress | None = None,
     log: Log = _quiet,
 ) -> TrainResult:
-    """Train a BLEEP model on ``references`` and register it (weights + config) in the store."""
+    """Train a BLEEP model on ``references`` and register it (weights + config) in the store.
+
+    Data-parallel over N processes (GPUs, or CPU workers) with
+    ``torchrun --nproc-per-node N -m histoindex.cli train ...``: the process group is set up from
+    torchrun's environment (:func:`histoindex.distributed.init_from_env`), the loss is computed on
+    every batch gathered from all processes (the same loss as one process), and only rank 0 writes
+    the model; the other ranks return its id with ``models_version`` -1."""
     if not references:
         raise InputError("train needs at least one reference")
     names = [r.name for r in references]
@@ -178,14 +188,27 @@ def train(
 
     cfg = _model_config(references, options)
     torch_device = resolve_device(device)
+
+    def epoch_done(epoch: int, epochs: int, loss: float) -> None:
+        if progress is not None:
+            progress("epochs", epoch, epochs)
+        if progress is None or epoch == epochs:
+            log(f"  epoch {epoch}/{epochs}  loss {loss:.4f}")
+
     log(f"training {cfg.method} ({cfg.backbone}, {len(cfg.genes)} genes, {sum(r.n_obs for r in references)} spots) on {torch_device}")
     result = train_model(
         references,
         cfg,
         weights=cfg.weights or None,
         device=torch_device,
-        progress=lambda e, n, loss: log(f"  epoch {e}/{n}  loss {loss:.4f}"),
+        progress=epoch_done,
     )
+    from .distributed import rank
+
+    if rank() != 0:  # torchrun: every rank holds the same model; rank 0 writes it
+        from .models import state_digest
+
+        return TrainResult(model_id=f"{cfg.method}-{state_digest(result.model, cfg)}", models_version=-1, metrics=result.metrics)
     store = Store(db, create=True)
     model_id, version = store.add_model(result.model, cfg, metrics=result.metrics, train_datasets=names)
     log(f"registered model {model_id} (models@{version})")
@@ -213,31 +236,34 @@ def ingest(
     train_options: TrainOptions = TrainOptions(),
     device: str | None = None,
     batch_size: int = 64,
+    precision: str = "auto",
+    progress: Progress | None = None,
     log: Log = _quiet,
 ) -> IngestResult:
     """Embed every spot of ``reference`` and write them to ``spots`` in one commit (one new table
     version), replacing the dataset's earlier rows. Trains a model first if the store has none."""
-    from .embed import embed_expression, embed_images, resolve_device
+    from .embed import embed_expression, iter_image_embeddings, resolve_device, resolve_precision
     from .models import load_model
 
     for label, value in (("tissue", tissue), ("platform", platform), ("species", species)):
         if not value or not value.strip():
             raise InputError(f"--{label} must not be empty")
-    store_exists = Path(str(db)).exists() if "://" not in str(db) else True
-    store = Store(db, create=False) if store_exists else None
+    store = Store(db) if Store.exists(db) else None
     trained = False
     if store is None or not store.models():
-        result = train([reference], db=db, options=train_options, device=device, log=log)
+        result = train([reference], db=db, options=train_options, device=device, progress=progress, log=log)
         store = Store(db)
         model_id, trained = result.model_id, True
     record = store.model(model_id)
     cfg = record.cfg
     expression = reference.normalized(list(cfg.genes))  # fails early if genes are missing
     torch_device = resolve_device(device)
-    model = load_model(cfg, record.weights_path, device=torch_device)
+    model = load_model(cfg, record.weights(), device=torch_device)
     log(f"embedding {reference.n_obs} spots of {reference.name} with {record.model_id} on {torch_device}")
-    patches = spot_patches(reference, patch_um=cfg.patch_um, patch_px=cfg.patch_px)
-    image_emb = embed_images(model, (patches[i : i + batch_size] for i in range(0, len(patches), batch_size)), device=torch_device)
+    precision = resolve_precision(precision, torch_device)
+    patches = stream_spot_patches(reference, patch_um=cfg.patch_um, patch_px=cfg.patch_px, batch_size=batch_size, workers=default_read_workers())
+    embedded = iter_image_embeddings(model, patches, device=torch_device, precision=precision)
+    image_emb = np.concatenate(list(_counted(embedded, "spots", reference.n_obs, progress)))
     expr_emb = embed_expression(model, expression, device=torch_device)
     rows = spot_rows(
         spot_ids=reference.obs_names,
@@ -255,6 +281,8 @@ def ingest(
     )
     version = store.replace_dataset(rows, reference.name)
     log(f"wrote {reference.n_obs} spots of {reference.name} (spots@{version})")
+    if store.has_vector_index():  # keep `query --search ann` covering every row
+        log(f"updated the spots indexes with the new rows (spots@{store.refresh_indexes()})")
     return IngestResult(dataset=reference.name, n_spots=reference.n_obs, spots_version=version, model_id=record.model_id, trained=trained)
 
 
@@ -270,10 +298,11 @@ class QueryResult:
     genes: tuple[str, ...] = field(repr=False)
     ids: np.ndarray = field(repr=False)
     xy: np.ndarray = field(repr=False)
-    predictions: np.ndarray = field(repr=False)
+    predictions: np.ndarray | None = field(repr=False)
     out: Path | None = None
     filter: str = ""
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole call
+    stream_seconds: float = 0.0  # reading, embedding, searching and writing the tiles
     plots: tuple[Path, ...] = ()
 
 
@@ -285,6 +314,11 @@ def _query_model(store: Store, version: int | None, model_id: str | None):
     if not candidates:
         raise StoreError(f"spots@{version or 'latest'} holds no spots of any registered model; ingest a reference first")
     return candidates[-1]
+
+
+def default_read_workers() -> int:
+    """Background slide readers: one core is left to the embedding on small machines."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
 def query(
@@ -305,12 +339,22 @@ def query(
     batch_size: int = 64,
     plot: Sequence[str] = (),
     search_mode: str = "auto",
+    precision: str = "auto",
+    workers: int | None = None,
+    keep_predictions: bool = True,
+    progress: Progress | None = None,
     log: Log = _quiet,
 ) -> QueryResult:
     """Impute expression over a slide (tissue tiles of the model's patch size, or the positions in
     ``spots``) by top-k retrieval against the reference expression embeddings. Each gene in
-    ``plot`` is drawn from ``out`` into ``<out stem>.<gene>.png`` beside it."""
-    from .embed import embed_images, resolve_device
+    ``plot`` is drawn from ``out`` into ``<out stem>.<gene>.png`` beside it.
+
+    The slide streams through: ``workers`` background threads read patches ahead, the model embeds
+    them in batches (``precision``: auto / fp32 / bf16), and every ``SEARCH_CHUNK`` tiles are
+    searched, imputed and written, so memory stays flat however large the slide. ``out`` and the
+    ``predictions`` table (one new version) appear only when the whole slide is done; with
+    ``keep_predictions=False`` the result carries no prediction matrix."""
+    from .embed import iter_image_embeddings, resolve_device, resolve_precision
     from .impute import impute
     from .models import load_model
 
@@ -319,6 +363,8 @@ def query(
         out = check_output_path(out)
     if k < 1:
         raise InputError(f"--k must be at least 1, got {k}")
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     store = Store(db)
     version = int(as_of) if as_of is not None and str(as_of).isdigit() else as_of
     spots_tbl = store.table("spots", version=version)
@@ -329,10 +375,13 @@ def query(
         if out is None:
             raise InputError("--plot needs --out: pictures are drawn from the predictions file")
         plot = check_gene_names(plot, cfg.genes, where=f"model {record.model_id}")
+    torch_device = resolve_device(device)
+    precision = resolve_precision(precision, torch_device)
     check_filter_values(store, version=version, model_id=record.model_id, tissue=tissue, platform=platform, species=species)
     predicate = build_filter(model_id=record.model_id, tissue=tissue, platform=platform, species=species, where=where)
     path = plan_search(search_mode, count_candidates(store, where=predicate, version=version))  # a bad filter fails here
     references = load_references(store, where=predicate, version=version, embeddings=path == "exact")
+    k_eff = min(k, len(references.row_ids))
 
     slide = open_slide(slide_path, mpp=mpp)
     try:
@@ -345,19 +394,15 @@ def query(
         else:
             grid = tile_grid(slide, tile_um=cfg.patch_um)
             id_column = "tile_id"
-        log(f"{len(grid)} {'spots' if spots is not None else 'tissue tiles'} of {cfg.patch_um:g} µm on {Path(slide_path).name} ({slide.mpp:.3g} µm/px)")
-        torch_device = resolve_device(device)
-        model = load_model(cfg, record.weights_path, device=torch_device)
-        batches = iter_patches(slide, grid.xy, side_px=cfg.patch_um / grid.mpp, out_px=cfg.patch_px, batch_size=batch_size)
-        embeddings = embed_images(model, batches, device=torch_device)
     finally:
         slide.close()
-
-    hits, references = search(store, embeddings, where=predicate, k=k, references=references, mode=path, device=str(torch_device))
-    predicted = impute(hits, references.expression)
+    n = len(grid)
+    log(f"{n} {'spots' if spots is not None else 'tissue tiles'} of {cfg.patch_um:g} µm on {Path(slide_path).name} ({grid.mpp:.3g} µm/px); {path} search over {len(references.row_ids)} references on {torch_device} ({precision})")
+    model = load_model(cfg, record.weights(), device=torch_device)
 
     run_id = uuid.uuid4().hex[:12]
     slide_name = Path(slide_path).name
+    created_at = datetime.now(timezone.utc)
     provenance = {
         "run_id": run_id,
         "slide": slide_name,
@@ -365,35 +410,60 @@ def query(
         "model_id": record.model_id,
         "spots_version": references.spots_version,
         "filter": predicate,
-        "k": hits.k,
+        "k": k_eff,
+        "search": path,
+        "precision": precision,
         "mpp": grid.mpp,
         "patch_um": cfg.patch_um,
         "normalisation": cfg.normalisation,
-        "created_at": datetime.now(timezone.utc).isoformat(),
+        "created_at": created_at.isoformat(),
     }
-    if out is not None:
-        write_predictions(out, ids=grid.ids, id_column=id_column, slide=slide_name, xy=grid.xy, mpp=grid.mpp, genes=list(cfg.genes), values=predicted, provenance=provenance)
-    n = len(grid)
-    n_genes = predicted.shape[1]
-    rows = pa.table(
-        {
-            "run_id": [run_id] * n,
-            "slide": [slide_name] * n,
-            "tile_id": grid.ids.astype(str),
-            "x": grid.xy[:, 0],
-            "y": grid.xy[:, 1],
-            "x_um": grid.xy[:, 0] * grid.mpp,
-            "y_um": grid.xy[:, 1] * grid.mpp,
-            "model_id": [record.model_id] * n,
-            "spots_version": np.full(n, references.spots_version, np.int64),
-            "filter": [predicate] * n,
-            "k": np.full(n, hits.k, np.int32),
-            "created_at": pa.array([datetime.now(timezone.utc)] * n, pa.timestamp("us", tz="UTC")),
-            "expression": pa.ListArray.from_arrays(pa.array(np.arange(0, (n + 1) * n_genes, n_genes, dtype=np.int32)), pa.array(predicted.ravel())),
-        }
+    writer = PredictionWriter(out, id_column=id_column, slide=slide_name, mpp=grid.mpp, genes=list(cfg.genes), provenance=provenance) if out is not None else None
+    patches = stream_patches(
+        lambda: open_slide(slide_path, mpp=grid.mpp),
+        grid.xy,
+        side_px=cfg.patch_um / grid.mpp,
+        out_px=cfg.patch_px,
+        batch_size=batch_size,
+        workers=default_read_workers() if workers is None else workers,
     )
-    predictions_version = store.add_predictions(rows)
-    log(f"predicted {n_genes} genes for {n} tiles ({path} top-{hits.k} of {len(references.row_ids)} references, spots@{references.spots_version}); predictions@{predictions_version}")
+    embedded = iter_image_embeddings(model, patches, device=torch_device, precision=precision)
+    embeddings = _rechunk(_counted(embedded, "tiles", n, progress), SEARCH_CHUNK)
+    kept: list[np.ndarray] = []
+    failure: list[BaseException] = []
+    stream_started = time.perf_counter()
+
+    def prediction_batches():
+        done = 0
+        try:
+            for queries in embeddings:
+                hits, _ = search(store, queries, where=predicate, k=k, references=references, mode=path, device=str(torch_device))
+                values = impute(hits, references.expression)
+                rows = slice(done, done + len(values))
+                if writer is not None:
+                    writer.write(grid.ids[rows], grid.xy[rows], values)
+                if keep_predictions:
+                    kept.append(values)
+                yield from _prediction_rows(run_id, slide_name, grid, rows, values, record.model_id, references.spots_version, predicate, k_eff, created_at).to_batches()
+                done += len(values)
+        except BaseException as exc:  # surfaces as an Arrow error inside LanceDB; re-raised below as itself
+            failure.append(exc)
+            raise
+
+    try:
+        predictions_version = store.add_predictions(prediction_batches())
+        if writer is not None:
+            writer.close()
+    except BaseException as exc:
+        if writer is not None:
+            writer.abort()
+        if failure and failure[0] is not exc:
+            raise failure[0] from None
+        raise
+    stream_seconds = time.perf_counter() - stream_started
+    predicted = np.concatenate(kept) if kept else np.zeros((0, len(cfg.genes)), np.float32)
+    seconds = time.perf_counter() - started
+    log(f"predicted {len(cfg.genes)} genes for {n} tiles ({path} top-{k_eff} of {len(references.row_ids)} references, spots@{references.spots_version}) in {seconds:.1f} s ({n / seconds:.0f} tiles/s); predictions@{predictions_version}")
     plots = tuple(plot_predictions(out, genes=[gene], out=picture_path(out, gene)) for gene in plot)
     for picture in plots:
         log(f"drew {picture}")
@@ -407,11 +477,64 @@ def query(
         genes=cfg.genes,
         ids=grid.ids,
         xy=grid.xy,
-        predictions=predicted,
+        predictions=predicted if keep_predictions else None,
         out=Path(out) if out else None,
         filter=predicate,
-        seconds=time.perf_counter() - started,
+        seconds=seconds,
+        stream_seconds=stream_seconds,
         plots=plots,
+    )
+
+
+#: tiles searched, imputed and written together
+SEARCH_CHUNK = 2048
+
+
+def _counted(batches, step: str, total: int, progress: Progress | None):
+    """Pass batches through, reporting ``progress(step, rows so far, total)`` from the start."""
+    if progress is None:
+        yield from batches
+        return
+    done = 0
+    progress(step, 0, total)
+    for batch in batches:
+        done += len(batch)
+        progress(step, done, total)
+        yield batch
+
+
+def _rechunk(batches, size: int):
+    """Regroup row batches into chunks of ``size`` rows (the last may be smaller)."""
+    pending, count = [], 0
+    for batch in batches:
+        pending.append(batch)
+        count += len(batch)
+        if count >= size:
+            yield np.concatenate(pending)
+            pending, count = [], 0
+    if pending:
+        yield np.concatenate(pending)
+
+
+def _prediction_rows(run_id, slide_name, grid: PatchGrid, rows: slice, values: np.ndarray, model_id, spots_version, predicate, k, created_at) -> pa.Table:
+    n, n_genes = values.shape
+    xy = grid.xy[rows]
+    return pa.table(
+        {
+            "run_id": [run_id] * n,
+            "slide": [slide_name] * n,
+            "tile_id": grid.ids[rows].astype(str),
+            "x": xy[:, 0],
+            "y": xy[:, 1],
+            "x_um": xy[:, 0] * grid.mpp,
+            "y_um": xy[:, 1] * grid.mpp,
+            "model_id": [model_id] * n,
+            "spots_version": np.full(n, spots_version, np.int64),
+            "filter": [predicate] * n,
+            "k": np.full(n, k, np.int32),
+            "created_at": pa.array([created_at] * n, pa.timestamp("us", tz="UTC")),
+            "expression": pa.ListArray.from_arrays(pa.array(np.arange(0, (n + 1) * n_genes, n_genes, dtype=np.int32)), pa.array(values.ravel())),
+        }
     )
 
 
@@ -482,13 +605,17 @@ def create_index(*, db: str | Path, index_type: str = "IVF_PQ", num_partitions: 
     index_type = index_type.upper()
     if index_type not in kinds:
         raise InputError(f"unknown index type {index_type!r}; use one of {', '.join(sorted(kinds))}")
-    partitions = num_partitions or max(1, min(int(np.sqrt(n)), n // 256 or 1))
+    if num_partitions:
+        partitions = num_partitions
+    elif index_type == "IVF_HNSW_SQ":  # a graph per partition: few, large partitions
+        partitions = max(1, n // 100_000)
+    else:  # IVF: ~√n partitions of at least 256 rows
+        partitions = max(1, min(int(np.sqrt(n)), n // 256 or 1))
     options = {"distance_type": "cosine", "num_partitions": partitions}
     if index_type == "IVF_PQ":
         options["num_sub_vectors"] = num_sub_vectors or 16
     tbl.create_index("expression_embedding", config=kinds[index_type](**options), replace=True)
-    tbl.optimize()  # folds new rows into the scalar indexes
-    return tbl.version
+    return store.refresh_indexes()  # folds rows ingested since into the scalar indexes
 
 
 # ---- SQL and overview ---------------------------------------------------------------------
@@ -496,7 +623,7 @@ def sql(statement: str, *, db: str | Path | None) -> pa.Table:
     """Run a DuckDB statement over the store's tables (spots, predictions, models and the
     predictions_long / spots_long views) and any Parquet files it names."""
     store = None
-    if db is not None and (("://" in str(db)) or Path(str(db)).exists()):
+    if db is not None and Store.exists(db):
         store = Store(db)
     return run_sql(store, statement)
 

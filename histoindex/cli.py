@@ -15,7 +15,9 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__, api
 from .errors import HistoindexError, HistoindexWarning
@@ -29,6 +31,44 @@ def _default_db() -> str:
 
 def _log(message: str) -> None:
     console.print(message, markup=False)
+
+
+class _RateColumn(ProgressColumn):
+    """Items per second since the step began (steadier than rich's windowed speed)."""
+
+    def render(self, task) -> Text:
+        elapsed = task.elapsed or 0.0
+        if not task.fields.get("rate", True) or elapsed <= 0:
+            return Text("")
+        rate = task.completed / elapsed
+        return Text(f"{rate:,.{0 if rate >= 10 else 1}f} {task.fields.get('unit', 'it')}/s", style="progress.data.speed")
+
+
+class ProgressBars:
+    """The API's ``progress(step, done, total)`` callback drawn as rich progress bars on stderr,
+    one bar per step (tiles, spots, epochs), each with its rate."""
+
+    def __init__(self) -> None:
+        self._progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+        )
+        self._tasks: dict[str, int] = {}
+
+    def __enter__(self) -> "ProgressBars":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._tasks:
+            self._progress.stop()
+
+    def __call__(self, step: str, done: int, total: int) -> None:
+        if not self._tasks:  # drawn from the first step on, so a command that fails early prints nothing extra
+            self._progress.start()
+        if step not in self._tasks:
+            # an epoch's rate says little (the first one also pays for reading patches)
+            self._tasks[step] = self._progress.add_task(step, total=total, unit=step, rate=step != "epochs")
+        self._progress.update(self._tasks[step], completed=done, total=total)
 
 
 def handle_errors(fn):
@@ -55,6 +95,13 @@ def db_option(fn):
 
 def device_option(fn):
     return click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:1 ...")(fn)
+
+
+def precision_option(fn):
+    return click.option(
+        "--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+        help="Image-embedding precision; auto: bf16 on CUDA and on CPUs with native bf16, else fp32.",
+    )(fn)
 
 
 def reference_options(fn):
@@ -126,7 +173,8 @@ def train(references, db, platform, image, mpp, spot_table, device, **kwargs):
     if spot_table and len(references) > 1:
         raise click.UsageError("--spot-table applies to a single reference")
     refs = [api.read_reference(r, image=image, platform=platform, mpp=mpp, spot_table=spot_table) for r in references]
-    result = api.train(refs, db=db, options=_train_options(kwargs), device=device, log=_log)
+    with ProgressBars() as bars:
+        result = api.train(refs, db=db, options=_train_options(kwargs), device=device, progress=bars, log=_log)
     click.echo(result.model_id)
 
 
@@ -181,8 +229,9 @@ def evaluate(references, holdouts, platform, markers, k, baselines, out, as_json
 @reference_options
 @training_options
 @device_option
+@precision_option
 @handle_errors
-def ingest(reference, tissue, platform, species, dataset, model_id, db, image, mpp, spot_table, device, **kwargs):
+def ingest(reference, tissue, platform, species, dataset, model_id, db, image, mpp, spot_table, device, precision, **kwargs):
     """Embed a reference dataset's spots and write them to the store (one new version).
 
     Trains a model first when the store has none. Re-ingesting a dataset replaces its rows.
@@ -196,7 +245,11 @@ def ingest(reference, tissue, platform, species, dataset, model_id, db, image, m
         histoindex ingest C5.tsv.gz --spot-table C5_selection.tsv --image C5.jpg --platform st --tissue breast
     """
     ref = api.read_reference(reference, image=image, platform=platform, name=dataset, mpp=mpp, spot_table=spot_table)
-    result = api.ingest(ref, db=db, tissue=tissue, platform=platform, species=species, model_id=model_id, train_options=_train_options(kwargs), device=device, log=_log)
+    with ProgressBars() as bars:
+        result = api.ingest(
+            ref, db=db, tissue=tissue, platform=platform, species=species, model_id=model_id, train_options=_train_options(kwargs),
+            device=device, precision=precision, progress=bars, log=_log,
+        )
     click.echo(f"{result.dataset}: {result.n_spots} spots, spots@{result.spots_version}, model {result.model_id}")
 
 
@@ -215,10 +268,12 @@ def ingest(reference, tissue, platform, species, dataset, model_id, db, image, m
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--plot", "plot_genes", multiple=True, metavar="GENE", help="Also draw this gene over the slide into <out stem>.<GENE>.png (repeatable; needs --out).")
 @click.option("--search", "search_mode", type=click.Choice(["auto", "exact", "ann"]), default="auto", show_default=True, help="exact: in-memory matrix products over the filtered references; ann: LanceDB's vector index (histoindex index); auto: exact up to 2M candidates.")
+@click.option("--workers", type=int, help="Background threads reading the slide (default: cores - 1, at most 8; 0 reads in the main thread).")
 @db_option
 @device_option
+@precision_option
 @handle_errors
-def query(slide, tissue, platform, species, where, k, out, mpp, as_of, spots_file, model_id, batch_size, plot_genes, search_mode, db, device):
+def query(slide, tissue, platform, species, where, k, out, mpp, as_of, spots_file, model_id, batch_size, plot_genes, search_mode, workers, db, device, precision):
     """Impute expression over a slide by retrieval from the reference.
 
     Example:
@@ -227,11 +282,14 @@ def query(slide, tissue, platform, species, where, k, out, mpp, as_of, spots_fil
     """
     if plot_genes and not out:
         raise click.UsageError("--plot needs --out: pictures are drawn from the predictions file")
-    result = api.query(
-        slide, db=db, tissue=tissue, platform=platform, species=species, where=where, k=k, out=out, mpp=mpp,
-        as_of=as_of, spots=spots_file, model_id=model_id, device=device, batch_size=batch_size, plot=plot_genes,
-        search_mode=search_mode, log=_log,
-    )
+    if workers is not None and workers < 0:
+        raise click.BadParameter("must be 0 or more", param_hint="--workers")
+    with ProgressBars() as bars:
+        result = api.query(
+            slide, db=db, tissue=tissue, platform=platform, species=species, where=where, k=k, out=out, mpp=mpp,
+            as_of=as_of, spots=spots_file, model_id=model_id, device=device, batch_size=batch_size, plot=plot_genes,
+            search_mode=search_mode, precision=precision, workers=workers, keep_predictions=False, progress=bars, log=_log,
+        )
     target = f" → {result.out}" if result.out else ""
     click.echo(f"{result.n_tiles} tiles × {len(result.genes)} genes, run {result.run_id}, spots@{result.spots_version}, predictions@{result.predictions_version}{target}")
     for picture in result.plots:

