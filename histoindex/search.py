@@ -33,6 +33,8 @@ class ReferenceBlock:
 SEARCH_MODES = ("auto", "exact", "ann")
 #: candidates held in memory for exact search: 2M × 256 float32 = 2 GB
 EXACT_MAX_ROWS = 2_000_000
+#: queries per LanceDB batched search (a batch of 10k exhausts file handles on 1M rows)
+ANN_BATCH = 1024
 
 
 def plan_search(mode: str, n_candidates: int) -> str:
@@ -128,18 +130,21 @@ def search(
         return Hits(indices=indices, similarities=sims, spots_version=references.spots_version), references
 
     tbl = store.table("spots", version=references.spots_version)
-    builder = (
-        tbl.search(np.ascontiguousarray(queries, np.float32), vector_column_name="expression_embedding")
-        .distance_type("cosine")
-        .where(where, prefilter=True)
-        .limit(k_eff)
-    )
-    if has_vector_index(tbl):
-        builder = builder.nprobes(nprobes).refine_factor(refine_factor)
-    result = builder.select(["_distance"]).with_row_id(True).to_arrow()
-    query_index = result.column("query_index").to_numpy() if "query_index" in result.column_names else np.zeros(result.num_rows, np.int64)
-    row_ids = result.column("_rowid").to_numpy()
-    distance = result.column("_distance").to_numpy()
+    indexed = has_vector_index(tbl)
+    parts = []
+    for start in range(0, len(queries), ANN_BATCH):  # LanceDB opens files per query: bounded batches
+        builder = (
+            tbl.search(np.ascontiguousarray(queries[start : start + ANN_BATCH], np.float32), vector_column_name="expression_embedding")
+            .distance_type("cosine")
+            .where(where, prefilter=True)
+            .limit(k_eff)
+        )
+        if indexed:
+            builder = builder.nprobes(nprobes).refine_factor(refine_factor)
+        part = builder.select(["_distance"]).with_row_id(True).to_arrow()
+        offset = part.column("query_index").to_numpy() if "query_index" in part.column_names else np.zeros(part.num_rows, np.int64)
+        parts.append((offset + start, part.column("_rowid").to_numpy(), part.column("_distance").to_numpy()))
+    query_index, row_ids, distance = (np.concatenate(columns) for columns in zip(*parts))
     # group by query, nearest first
     order = np.lexsort((distance, query_index))
     query_index, row_ids, distance = query_index[order], row_ids[order], distance[order]
@@ -159,12 +164,19 @@ def has_vector_index(tbl) -> bool:
     return any(i.columns == ["expression_embedding"] for i in tbl.list_indices())
 
 
-def exact_topk(queries: np.ndarray, keys: np.ndarray, k: int, *, device: str = "cpu", chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+#: similarity matrix entries computed at once (float32: 1 GiB), which sets the query chunk
+EXACT_CHUNK_ELEMENTS = 2**28
+
+
+def exact_topk(queries: np.ndarray, keys: np.ndarray, k: int, *, device: str = "cpu", chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k by inner product (cosine for unit vectors) with chunked matrix products:
-    returns (indices, similarities), each n_query × k, nearest first."""
+    returns (indices, similarities), each n_query × k, nearest first. Queries go in chunks of
+    ``chunk`` (default: as many as keep one similarity block within ``EXACT_CHUNK_ELEMENTS``)."""
     import torch
 
     k = min(k, len(keys))
+    if chunk is None:
+        chunk = int(np.clip(EXACT_CHUNK_ELEMENTS // max(len(keys), 1), 1, 8192))
     keys_t = torch.from_numpy(np.require(keys, np.float32, ["C", "W"])).to(device)  # Arrow buffers are read-only
     indices = np.empty((len(queries), k), np.int64)
     sims = np.empty((len(queries), k), np.float32)

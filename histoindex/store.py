@@ -1,18 +1,21 @@
-"""The store: one LanceDB database holding the spots, predictions and models tables, plus model
-weights (safetensors) in ``models/`` under the same root. Every write reports the version it made."""
+"""The store: one LanceDB database holding the spots, predictions and models tables (model weights
+included, as safetensors bytes in ``models.weights``). Every access goes through LanceDB's own URI
+handling, so the store can live in a folder, a ``file://`` URI or an object store (``s3://...``).
+Every write reports the version it made."""
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import lancedb
 import numpy as np
+from lancedb.util import get_uri_scheme
 from lancedb.index import Bitmap, BTree, LabelList
 import pyarrow as pa
 
@@ -21,6 +24,9 @@ from .config import ModelConfig
 from .schemas import TABLES, conform, layout
 
 _INDEX_CONFIGS = {"bitmap": Bitmap, "btree": BTree, "label_list": LabelList}
+
+#: the models column holding the safetensors bytes: read for one model at a time, never when listing
+WEIGHTS = "weights"
 
 
 def sql_literal(value: str) -> str:
@@ -34,12 +40,40 @@ def _tag_safe(text: str) -> str:
 
 @dataclass(frozen=True)
 class ModelRecord:
+    """A registered model, without its weights: :meth:`weights` reads them from the store."""
+
     model_id: str
     cfg: ModelConfig
-    weights_path: Path
     created_at: datetime
     train_datasets: tuple[str, ...]
     metrics: dict
+    _fetch: Callable[[str], bytes] = field(repr=False, compare=False)
+
+    def weights(self) -> bytes:
+        """The model's safetensors bytes (``load_model(record.cfg, record.weights())``)."""
+        return self._fetch(self.model_id)
+
+
+def _local_path(uri: str) -> Path | None:
+    """The folder of a local URI, read the way LanceDB reads it; None for any other scheme."""
+    if get_uri_scheme(uri) != "file":
+        return None
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    elif uri.startswith("file:/"):
+        uri = uri[len("file:") :]
+    return Path(uri).expanduser()
+
+
+def _list_tables(db) -> list[str]:
+    names: list[str] = []
+    token = None
+    while True:
+        page = db.list_tables(page_token=token)
+        names.extend(page.tables)
+        token = getattr(page, "page_token", None)
+        if not token:
+            return names
 
 
 class Store:
@@ -50,24 +84,42 @@ class Store:
 
     def __init__(self, uri: str | Path, *, create: bool = False):
         self.uri = str(uri)
-        self.root = self._local_root(self.uri)
-        if not create and self.root is not None and not self.root.exists():
-            raise StoreError(f"no histoindex store at {self.uri}; create one with `histoindex ingest` or `histoindex train`")
-        if create and self.root is not None:
-            self.root.mkdir(parents=True, exist_ok=True)
-        self.db = lancedb.connect(self.uri)
+        db = self._connect_existing(self.uri)
+        if db is None:
+            if not create:
+                raise StoreError(f"no histoindex store at {self.uri}; create one with `histoindex ingest` or `histoindex train`")
+            db = self._connect(self.uri)  # LanceDB creates a local folder itself
+        self.db = db
+
+    @classmethod
+    def exists(cls, uri: str | Path) -> bool:
+        """Whether LanceDB at ``uri`` holds any histoindex table (creates nothing)."""
+        return cls._connect_existing(str(uri)) is not None
 
     @staticmethod
-    def _local_root(uri: str) -> Path | None:
-        if uri.startswith("file://"):
-            return Path(uri[len("file://") :])
-        if "://" in uri:
+    def _connect(uri: str):
+        try:
+            return lancedb.connect(uri)
+        except Exception as exc:  # a bad scheme, unreachable bucket, missing credentials...
+            raise StoreError(f"cannot open the store at {uri}: {exc}") from exc
+
+    @classmethod
+    def _connect_existing(cls, uri: str):
+        """A connection to ``uri`` if it holds a histoindex table, else None. A local folder that
+        is not there is not looked at, since LanceDB's connect would create it."""
+        local = _local_path(uri)
+        if local is not None and not local.is_dir():
             return None
-        return Path(uri)
+        db = cls._connect(uri)
+        try:
+            names = _list_tables(db)
+        except Exception as exc:
+            raise StoreError(f"cannot list the tables of the store at {uri}: {exc}") from exc
+        return db if any(name in names for name in TABLES) else None
 
     # ---- tables -------------------------------------------------------------------------
     def table_names(self) -> list[str]:
-        names = self.db.list_tables().tables
+        names = _list_tables(self.db)
         return [t for t in TABLES if t in names]
 
     def has_table(self, name: str) -> bool:
@@ -101,22 +153,20 @@ class Store:
         return tbl
 
     # ---- models -------------------------------------------------------------------------
-    def weights_dir(self) -> Path:
-        if self.root is None:
-            raise StoreError(f"model weights need a local store directory; {self.uri} is remote")
-        return self.root / "models"
+    def _models_table(self, *, create: bool = False):
+        tbl = self.table("models", create=create)
+        if WEIGHTS not in tbl.schema.names:
+            raise StoreError(
+                f"the models table at {self.uri} predates weights kept in the table (models schema "
+                f"version {layout('models').schema_version}); train the model again into a new store"
+            )
+        return tbl
 
     def add_model(self, model, cfg: ModelConfig, *, metrics: dict, train_datasets: list[str]) -> tuple[str, int]:
-        """Save weights and register the model; returns (model_id, models table version)."""
-        from .models import save_weights, state_digest  # torch: only when a model is written
+        """Register the model, weights included (one row, one commit); returns (model_id, models version)."""
+        from .models import state_digest, weights_bytes  # torch: only when a model is written
+
         model_id = f"{cfg.method}-{state_digest(model, cfg)}"
-        directory = self.weights_dir()
-        directory.mkdir(parents=True, exist_ok=True)
-        final = directory / f"{model_id}.safetensors"
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-        os.close(fd)
-        save_weights(model, tmp, cfg)
-        os.replace(tmp, final)  # atomic: a reader never sees half a weights file
         row = {
             "model_id": model_id,
             "method": cfg.method,
@@ -126,26 +176,43 @@ class Store:
             "train_datasets": list(train_datasets),
             "config_json": cfg.to_json(),
             "metrics_json": json.dumps(metrics),
-            "weights_file": str(final.relative_to(self.root)),
+            WEIGHTS: weights_bytes(model, cfg),
         }
-        tbl = self.table("models", create=True)
-        data = conform("models", pa.Table.from_pylist([row]))
+        tbl = self._models_table(create=True)
+        data = conform("models", pa.Table.from_pylist([row], schema=layout("models").schema))
         result = tbl.merge_insert("model_id").when_matched_update_all().when_not_matched_insert_all().execute(data)
         return model_id, result.version
 
+    def model_weights(self, model_id: str) -> bytes:
+        """The safetensors bytes of model ``model_id`` (only that row's weights are read)."""
+        rows = (
+            self._models_table()
+            .search()
+            .where(f"model_id = {sql_literal(model_id)}")
+            .select([WEIGHTS])
+            .limit(None)
+            .to_arrow()
+        )
+        if rows.num_rows == 0:
+            raise UnknownValue(f"no model {model_id!r} in the store at {self.uri}")
+        return rows.column(WEIGHTS)[0].as_py()
+
     def models(self) -> list[ModelRecord]:
+        """Every registered model, oldest first (without reading any weights)."""
         if not self.has_table("models"):
             return []
-        rows = self.table("models").to_arrow().to_pylist()
+        tbl = self.table("models")
+        columns = [name for name in tbl.schema.names if name != WEIGHTS]
+        rows = tbl.search().select(columns).limit(None).to_arrow().to_pylist()
         rows.sort(key=lambda r: r["created_at"])
         return [
             ModelRecord(
                 model_id=r["model_id"],
                 cfg=ModelConfig.from_json(r["config_json"]),
-                weights_path=self.root / r["weights_file"] if self.root else Path(r["weights_file"]),
                 created_at=r["created_at"],
                 train_datasets=tuple(r["train_datasets"]),
                 metrics=json.loads(r["metrics_json"]),
+                _fetch=self.model_weights,
             )
             for r in rows
         ]
@@ -164,23 +231,41 @@ class Store:
 
     # ---- spots --------------------------------------------------------------------------
     def replace_dataset(self, rows: pa.Table, dataset: str) -> int:
-        """Write a dataset's spots in one commit, replacing any rows it had; returns the version."""
+        """Write a dataset's spots in one commit, replacing any rows it had; returns the version.
+
+        A new dataset is a plain append; a dataset already present is replaced by one
+        ``merge_insert`` (update matching spots, insert new ones, delete the ones it no longer has)."""
         data = conform("spots", rows)
         if set(data.column("dataset").unique().to_pylist()) != {dataset}:
             raise StoreError(f"rows for dataset {dataset!r} carry other dataset names")
         tbl = self.table("spots", create=True)
-        result = (
-            tbl.merge_insert(list(layout("spots").key))
-            .when_matched_update_all()
-            .when_not_matched_insert_all()
-            .when_not_matched_by_source_delete(f"dataset = {sql_literal(dataset)}")
-            .execute(data)
-        )
+        if tbl.count_rows(f"dataset = {sql_literal(dataset)}") == 0:
+            version = tbl.add(data).version
+        else:
+            version = (
+                tbl.merge_insert(list(layout("spots").key))
+                .when_matched_update_all()
+                .when_not_matched_insert_all()
+                .when_not_matched_by_source_delete(f"dataset = {sql_literal(dataset)}")
+                .execute(data)
+            ).version
         try:
-            tbl.tags.create(_tag_safe(f"ingest-{dataset}-v{result.version}"), result.version)
+            tbl.tags.create(_tag_safe(f"ingest-{dataset}-v{version}"), version)
         except Exception:  # a tag is a convenience; the version itself is the record
             pass
-        return result.version
+        return version
+
+    def has_vector_index(self) -> bool:
+        return self.has_table("spots") and any(i.columns == ["expression_embedding"] for i in self.table("spots").list_indices())
+
+    def refresh_indexes(self, table: str = "spots") -> int:
+        """Fold rows written since the indexes were built into them (vector and scalar), in one
+        commit; returns the new version. Unlike LanceDB's ``optimize()``, this prunes no old
+        versions, so ``--as-of`` keeps working."""
+        tbl = self.table(table)
+        tbl.to_lance().optimize.optimize_indices()
+        tbl.checkout_latest()
+        return tbl.version
 
     def distinct(self, table: str, column: str, *, where: str | None = None, version: int | None = None) -> list[Any]:
         tbl = self.table(table, version=version)
@@ -191,9 +276,15 @@ class Store:
         return sorted(v for v in values if v is not None)
 
     # ---- predictions --------------------------------------------------------------------
-    def add_predictions(self, rows: pa.Table) -> int:
+    def add_predictions(self, rows: pa.Table | Iterable[pa.RecordBatch]) -> int:
+        """Append prediction rows in one commit; ``rows`` may be a stream of record batches, which
+        LanceDB writes as they come (nothing is committed if the stream fails)."""
         tbl = self.table("predictions", create=True)
-        return tbl.add(conform("predictions", rows)).version
+        if isinstance(rows, pa.Table):
+            return tbl.add(conform("predictions", rows)).version
+        target = layout("predictions").schema
+        batches = (b for batch in rows for b in conform("predictions", pa.Table.from_batches([batch])).to_batches())
+        return tbl.add(pa.RecordBatchReader.from_batches(target, batches)).version
 
     # ---- overview -----------------------------------------------------------------------
     def versions(self) -> dict[str, list[dict]]:

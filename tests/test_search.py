@@ -44,3 +44,36 @@ def test_exact_ann_and_lancedb_flat_agree(store, sections, tmp_path):
     for mode in ("ann", "indexed"):
         # the same neighbours up to float ties: predictions agree closely
         np.testing.assert_allclose(frames[mode].select(genes).to_numpy(), exact, atol=0.05)
+
+
+def test_ingest_keeps_the_vector_index_current_and_old_versions_readable(store, sections):
+    import lancedb
+
+    run("index", "--db", store, "--type", "IVF_FLAT", "--partitions", "4")
+    tbl = lancedb.connect(str(store)).open_table("spots")
+    before = tbl.version
+    rows_before = tbl.count_rows()
+    run("ingest", sections.other_h5ad, "--tissue", "lung", "--dataset", "other", "--db", store)
+    tbl = lancedb.connect(str(store)).open_table("spots")
+    stats = {i.name: tbl.index_stats(i.name) for i in tbl.list_indices()}
+    assert stats and all(s.num_unindexed_rows == 0 for s in stats.values())  # new rows indexed, vector and scalar
+    assert tbl.count_rows() > rows_before
+    versions = [v["version"] for v in tbl.list_versions()]
+    assert versions == list(range(1, tbl.version + 1))  # nothing pruned
+    tbl.checkout(before)
+    assert tbl.count_rows() == rows_before
+    # the ANN path now finds the new tissue without a flat scan of unindexed rows
+    result = run("query", sections.other_tif, "--tissue", "lung", "--search", "ann", "--db", store)
+    assert "ann top-50" in result.output
+
+
+def test_exact_topk_bounds_the_similarity_block(monkeypatch):
+    import histoindex.search as search_module
+
+    rng = np.random.default_rng(1)
+    keys = rng.normal(size=(300, 8)).astype(np.float32)
+    queries = rng.normal(size=(50, 8)).astype(np.float32)
+    whole, _ = exact_topk(queries, keys, 5)
+    monkeypatch.setattr(search_module, "EXACT_CHUNK_ELEMENTS", 300 * 3)  # 3 queries per block
+    chunked, _ = exact_topk(queries, keys, 5)
+    assert np.array_equal(whole, chunked)
