@@ -203,9 +203,9 @@ def train(
         device=torch_device,
         progress=epoch_done,
     )
-    from .distributed import rank
+    from .distributed import launch_rank
 
-    if rank() != 0:  # torchrun: every rank holds the same model; rank 0 writes it
+    if launch_rank() != 0:  # torchrun: every rank holds the same model; rank 0 writes it
         from .models import state_digest
 
         return TrainResult(model_id=f"{cfg.method}-{state_digest(result.model, cfg)}", models_version=-1, metrics=result.metrics)
@@ -252,8 +252,12 @@ def ingest(
     trained = False
     if store is None or not store.models():
         result = train([reference], db=db, options=train_options, device=device, progress=progress, log=log)
-        store = Store(db)
         model_id, trained = result.model_id, True
+    from .distributed import launch_rank
+
+    if launch_rank() != 0:  # under torchrun only training is shared; rank 0 embeds and writes the spots
+        return IngestResult(dataset=reference.name, n_spots=reference.n_obs, spots_version=-1, model_id=model_id or "", trained=trained)
+    store = Store(db)
     record = store.model(model_id)
     cfg = record.cfg
     expression = reference.normalized(list(cfg.genes))  # fails early if genes are missing

@@ -250,6 +250,8 @@ def ingest(reference, tissue, platform, species, dataset, model_id, db, image, m
             ref, db=db, tissue=tissue, platform=platform, species=species, model_id=model_id, train_options=_train_options(kwargs),
             device=device, precision=precision, progress=bars, log=_log,
         )
+    if result.spots_version < 0:  # a torchrun process other than rank 0, which writes
+        return
     click.echo(f"{result.dataset}: {result.n_spots} spots, spots@{result.spots_version}, model {result.model_id}")
 
 

@@ -40,6 +40,12 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+def launch_rank() -> int:
+    """This process's rank as torchrun launched it (``RANK``), whether or not it has joined the
+    process group yet; 0 outside torchrun."""
+    return rank() if is_distributed() else int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
 def world_size() -> int:
     """The number of processes (1 when not distributed)."""
     return dist.get_world_size() if is_distributed() else 1

@@ -128,3 +128,32 @@ def test_single_process_helpers_are_no_ops():
     assert not distributed.is_distributed() and distributed.rank() == 0 and distributed.world_size() == 1
     assert distributed.local_rows(x) is x and distributed.gather_cat(x) is x
     assert not distributed.init_from_env()  # no WORLD_SIZE: nothing to join
+
+
+def test_torchrun_ingest_trains_on_every_rank_and_writes_once(sections, tmp_path):
+    """The real launcher: `torchrun --nproc-per-node 2 -m histoindex.cli ingest` into an empty store
+    trains one model together; rank 0 alone registers it and writes the spots (one version each)."""
+    import subprocess
+    import sys
+
+    import lancedb
+
+    db = tmp_path / "db"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+        "-m", "histoindex.cli", "ingest", str(sections.train_h5ad), "--tissue", "breast", "--db", str(db),
+        "--backbone", "test_resnet", "--weights", "none", "--fine-tune", "--views", "1", "--patch-px", "32",
+        "--epochs", "2", "--n-genes", "16", "--batch-size", "16",
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    store = lancedb.connect(str(db))
+    models = store.open_table("models")
+    spots = store.open_table("spots")
+    assert models.count_rows() == 1
+    model_id = models.search().select(["model_id"]).limit(None).to_arrow().column("model_id")[0].as_py()
+    assert f"spots, spots@{spots.version}, model {model_id}" in done.stdout  # printed once, by rank 0
+    assert done.stdout.count("spots, spots@") == 1
+    n_spots = int(done.stdout.split("syn-train: ")[1].split(" spots")[0])
+    assert spots.count_rows() == spots.count_rows(f"model_id = '{model_id}'") == n_spots > 100  # written once, not per rank
