@@ -1,4 +1,4 @@
-"""Writing predictions: wide Parquet (one column per gene) or AnnData .h5ad."""
+"""Writing predictions as they stream in: wide Parquet (one column per gene) or AnnData .h5ad."""
 
 from __future__ import annotations
 
@@ -98,25 +98,3 @@ class PredictionWriter:
         adata.uns["spatial"] = {library: {"scalefactors": {"tissue_hires_scalef": 1.0}, "metadata": {"source_image_path": str(self.provenance.get("slide_path", ""))}, "images": {}}}
         adata.write_h5ad(self._tmp)
         self._tmp.replace(self.path)
-
-
-def write_predictions(
-    path: str | Path,
-    *,
-    ids: np.ndarray,
-    id_column: str,
-    slide: str,
-    xy: np.ndarray,
-    mpp: float,
-    genes: list[str],
-    values: np.ndarray,
-    provenance: dict,
-) -> Path:
-    """Write per-tile (or per-spot) predictions in one go (see :class:`PredictionWriter`)."""
-    writer = PredictionWriter(path, id_column=id_column, slide=slide, mpp=mpp, genes=genes, provenance=provenance)
-    try:
-        writer.write(ids, xy, values)
-        return writer.close()
-    except BaseException:
-        writer.abort()
-        raise
