@@ -16,7 +16,7 @@ import numpy as np
 
 from .data import Hits
 from .errors import StoreError, UnknownValue
-from .store import Store, sql_literal
+from .store import Store, has_vector_index, sql_literal
 
 
 @dataclass(frozen=True)
@@ -158,10 +158,6 @@ def search(
         spots_version=references.spots_version,
     )
     return hits, references
-
-
-def has_vector_index(tbl) -> bool:
-    return any(i.columns == ["expression_embedding"] for i in tbl.list_indices())
 
 
 #: similarity matrix entries computed at once (float32: 1 GiB), which sets the query chunk

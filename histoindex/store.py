@@ -6,11 +6,10 @@ Every write reports the version it made."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from collections.abc import Iterable
 from typing import Any
 
 import lancedb
@@ -256,7 +255,7 @@ class Store:
         return version
 
     def has_vector_index(self) -> bool:
-        return self.has_table("spots") and any(i.columns == ["expression_embedding"] for i in self.table("spots").list_indices())
+        return self.has_table("spots") and has_vector_index(self.table("spots"))
 
     def refresh_indexes(self, table: str = "spots") -> int:
         """Fold rows written since the indexes were built into them (vector and scalar), in one
@@ -327,6 +326,11 @@ class Store:
             for m in self.models()
         ]
         return {"uri": self.uri, "tables": tables, "datasets": datasets, "models": models}
+
+
+def has_vector_index(tbl) -> bool:
+    """Whether a spots table has the ANN index on its expression embeddings (`histoindex index`)."""
+    return any(i.columns == ["expression_embedding"] for i in tbl.list_indices())
 
 
 def spot_rows(
