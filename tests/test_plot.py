@@ -186,7 +186,9 @@ def test_small_helpers():
     low, high = colour_limits(np.full(4, 3.0))  # a constant gene still gets a scale
     assert low < 3.0 < high
     rgba = value_colours(np.array([-5.0, 0.0, 1.0, 9.0]), vmin=0, vmax=1, alpha=0.5)
-    np.testing.assert_allclose(rgba[0], rgba[1]) and np.testing.assert_allclose(rgba[2], rgba[3])  # clipped
+    # clipped at both ends (two statements: assert_allclose returns None, so `a and b` never ran b)
+    np.testing.assert_allclose(rgba[0], rgba[1])
+    np.testing.assert_allclose(rgba[2], rgba[3])
     assert (rgba[:, 3] == 0.5).all() and not np.allclose(rgba[1], rgba[2])
     assert check_gene_names(["A", "B", "A"], ["A", "B"], where="x") == ["A", "B"]
     with pytest.raises(InputError, match="did you mean FASN"):

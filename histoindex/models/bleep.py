@@ -50,11 +50,12 @@ def dihedral(images: torch.Tensor, view: int) -> torch.Tensor:
 
 def bleep_loss(image_emb: torch.Tensor, expr_emb: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """BLEEP's loss: cross-entropy of expression·imageᵀ logits against soft targets, the softmax of
-    the mean of the image–image and expression–expression similarities; symmetric."""
+    the mean of the image–image and expression–expression similarities; symmetric. Both the logits
+    and the similarities are divided by ``temperature``, as in BLEEP's code (CLIPModel.forward)."""
     logits = expr_emb @ image_emb.T / temperature
     # as in BLEEP's code (after the OpenAI-CLIP tutorial it follows): targets are not detached
     similarity = (image_emb @ image_emb.T + expr_emb @ expr_emb.T) / 2
-    targets = F.softmax(similarity * temperature, dim=-1)
+    targets = F.softmax(similarity / temperature, dim=-1)
     expr_loss = -(targets * F.log_softmax(logits, dim=-1)).sum(1)
     image_loss = -(targets.T * F.log_softmax(logits.T, dim=-1)).sum(1)
     return ((expr_loss + image_loss) / 2).mean()
