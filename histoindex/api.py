@@ -51,6 +51,7 @@ def read_reference(
     name: str | None = None,
     mpp: float | None = None,
     spot_table: str | Path | None = None,
+    log_normalised: bool = False,
 ) -> SpotSet:
     """Read a reference dataset, by what ``path`` is.
 
@@ -84,6 +85,8 @@ def read_reference(
         )
     if spot_table is not None:
         raise InputError(f"--spot-table applies to legacy ST counts (.tsv/.csv), not to {path}")
+    if reader is read_h5ad:
+        return read_h5ad(path, image=image, platform=platform, name=name, mpp=mpp, log_normalised=log_normalised)
     return reader(path, image=image, platform=platform, name=name, mpp=mpp)
 
 
@@ -623,13 +626,15 @@ def create_index(*, db: str | Path, index_type: str = "IVF_PQ", num_partitions: 
 
 
 # ---- SQL and overview ---------------------------------------------------------------------
-def sql(statement: str, *, db: str | Path | None) -> pa.Table:
-    """Run a DuckDB statement over the store's tables (spots, predictions, models and the
-    predictions_long / spots_long views) and any Parquet files it names."""
+def sql(statement: str, *, db: str | Path | None, allow_files: Sequence[str | Path] = ()) -> pa.Table:
+    """Run one read-only DuckDB statement (SELECT, WITH, EXPLAIN, DESCRIBE, SUMMARIZE) over the
+    store's tables (spots, predictions, models and the predictions_long / spots_long views) and
+    the Parquet / CSV / JSON files it names outside the store; ``allow_files`` are further files
+    or folders it may read. Anything else raises SqlError (see :mod:`histoindex.sql`)."""
     store = None
     if db is not None and Store.exists(db):
         store = Store(db)
-    return run_sql(store, statement)
+    return run_sql(store, statement, allow_files=allow_files)
 
 
 def versions(*, db: str | Path) -> dict[str, list[dict]]:

@@ -110,6 +110,7 @@ def reference_options(fn):
             click.option("--image", type=click.Path(dir_okay=False), help="Full-resolution H&E (overrides the path recorded in the h5ad; needed for legacy ST counts; Space Ranger keeps none)."),
             click.option("--mpp", type=float, help="Micrometres per full-resolution pixel (overrides image metadata and spot size)."),
             click.option("--spot-table", type=click.Path(dir_okay=False), help="Legacy ST spot table (x, y, pixel_x, pixel_y[, selected]) for a counts .tsv(.gz) reference."),
+            click.option("--log-normalised", is_flag=True, help="The .h5ad's X is log1p(counts per 10k) of a gene subset and it has no raw counts (layers['counts'] or .raw are used first when present)."),
         ]
     ):
         fn = option(fn)
@@ -161,7 +162,7 @@ def cli() -> None:
 @training_options
 @device_option
 @handle_errors
-def train(references, db, platform, image, mpp, spot_table, device, **kwargs):
+def train(references, db, platform, image, mpp, spot_table, log_normalised, device, **kwargs):
     """Train a BLEEP model on reference datasets and register it in the store.
 
     Example:
@@ -172,7 +173,7 @@ def train(references, db, platform, image, mpp, spot_table, device, **kwargs):
         raise click.UsageError("--image applies to a single reference")
     if spot_table and len(references) > 1:
         raise click.UsageError("--spot-table applies to a single reference")
-    refs = [api.read_reference(r, image=image, platform=platform, mpp=mpp, spot_table=spot_table) for r in references]
+    refs = [api.read_reference(r, image=image, platform=platform, mpp=mpp, spot_table=spot_table, log_normalised=log_normalised) for r in references]
     with ProgressBars() as bars:
         result = api.train(refs, db=db, options=_train_options(kwargs), device=device, progress=bars, log=_log)
     click.echo(result.model_id)
@@ -188,10 +189,11 @@ def train(references, db, platform, image, mpp, spot_table, device, **kwargs):
 @click.option("--out", type=click.Path(dir_okay=False), help="Write held-out predictions and truth (.parquet), keyed by section, system, spot.")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
 @click.option("--mpp", type=float, help="Micrometres per full-resolution pixel for every reference.")
+@click.option("--log-normalised", is_flag=True, help="The .h5ad files' X is log1p(counts per 10k) of a gene subset, with no raw counts beside it.")
 @training_options
 @device_option
 @handle_errors
-def evaluate(references, holdouts, platform, markers, k, baselines, out, as_json, mpp, device, **kwargs):
+def evaluate(references, holdouts, platform, markers, k, baselines, out, as_json, mpp, log_normalised, device, **kwargs):
     """Leave-one-section-out evaluation: per-gene Pearson r on held-out spots (HEG-50, HVG-50,
     markers, all genes) and MSE, for the model and for baselines, on the same genes.
 
@@ -199,7 +201,7 @@ def evaluate(references, holdouts, platform, markers, k, baselines, out, as_json
 
         histoindex evaluate C2.h5ad C3.h5ad C4.h5ad C5.h5ad --platform st --genes panel.txt
     """
-    refs = [api.read_reference(r, platform=platform, mpp=mpp) for r in references]
+    refs = [api.read_reference(r, platform=platform, mpp=mpp, log_normalised=log_normalised) for r in references]
     result = api.evaluate(
         refs, holdouts=list(holdouts) or None, options=_train_options(kwargs), markers=[m.strip() for m in markers.split(",") if m.strip()],
         k=k, baselines=baselines, out=out, device=device, log=_log,
@@ -231,7 +233,7 @@ def evaluate(references, holdouts, platform, markers, k, baselines, out, as_json
 @device_option
 @precision_option
 @handle_errors
-def ingest(reference, tissue, platform, species, dataset, model_id, db, image, mpp, spot_table, device, precision, **kwargs):
+def ingest(reference, tissue, platform, species, dataset, model_id, db, image, mpp, spot_table, log_normalised, device, precision, **kwargs):
     """Embed a reference dataset's spots and write them to the store (one new version).
 
     Trains a model first when the store has none. Re-ingesting a dataset replaces its rows.
@@ -244,7 +246,7 @@ def ingest(reference, tissue, platform, species, dataset, model_id, db, image, m
 
         histoindex ingest C5.tsv.gz --spot-table C5_selection.tsv --image C5.jpg --platform st --tissue breast
     """
-    ref = api.read_reference(reference, image=image, platform=platform, name=dataset, mpp=mpp, spot_table=spot_table)
+    ref = api.read_reference(reference, image=image, platform=platform, name=dataset, mpp=mpp, spot_table=spot_table, log_normalised=log_normalised)
     with ProgressBars() as bars:
         result = api.ingest(
             ref, db=db, tissue=tissue, platform=platform, species=species, model_id=model_id, train_options=_train_options(kwargs),
@@ -357,16 +359,30 @@ def _cell(value) -> str:
 @click.argument("statement")
 @db_option
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.option(
+    "--allow-files", "allow_files", multiple=True, type=click.Path(exists=True),
+    help="A file or folder the statement may also read (repeatable); never the store or a folder holding it.",
+)
 @handle_errors
-def sql(statement, db, fmt):
-    """Run SQL (DuckDB) over the store: tables spots, predictions, models; views predictions_long
-    and spots_long (one row per gene); and any Parquet file named in the query.
+def sql(statement, db, fmt, allow_files):
+    """Run one read-only SQL statement (DuckDB) over the store: tables spots, predictions, models;
+    views predictions_long and spots_long (one row per gene); and the data files the statement names.
+
+    Allowed: one SELECT (or WITH …, VALUES, SHOW), DESCRIBE, SUMMARIZE, or EXPLAIN [ANALYZE] of a
+    SELECT. Anything else (COPY, ATTACH, CREATE, INSERT, SET, INSTALL, LOAD, PRAGMA, several
+    statements) is refused. DuckDB runs with external access off and its settings locked: it can
+    read the store's tables, the files the statement names in quotes ending in .parquet, .csv,
+    .tsv, .json, .jsonl or .ndjson (optionally .gz/.zst; a glob opens only the data files it
+    matches), and the files and folders given with --allow-files; nothing inside the store by
+    path, and no read_text/read_blob.
 
     Example:
 
         histoindex sql "SELECT slide, avg(value) FROM predictions_long WHERE gene = 'FASN' GROUP BY slide"
+
+        histoindex sql "SELECT avg(FASN) FROM 'preds/*.parquet'"
     """
-    _render(api.sql(statement, db=db), fmt)
+    _render(api.sql(statement, db=db, allow_files=allow_files), fmt)
 
 
 @cli.command()

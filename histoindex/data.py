@@ -15,7 +15,8 @@ import scipy.sparse as sp
 
 from .errors import InputError
 
-#: physical spot diameter per platform, micrometres (used when the image has no pixel size)
+#: physical (capture) spot diameter per platform, micrometres: what pictures draw. The pixel size of
+#: a reference comes from the spot pitch instead (:mod:`histoindex.io.pixelsize`).
 SPOT_DIAMETER_UM = {"visium": 55.0, "st": 100.0}
 
 NORMALISATION = "log1p_cp10k"  # per-spot total-count normalisation to 1e4, then log1p
@@ -52,7 +53,9 @@ class SpotSet:
     xy: spot centres in full-resolution image pixels, n_obs × 2 (x, y).
     mpp: micrometres per full-resolution pixel.
     image: the H&E image the positions refer to.
-    spot_diameter_px: spot diameter in full-resolution pixels, if known.
+    spot_diameter_px: ``spot_diameter_fullres`` in full-resolution pixels, if known.
+    mpp_source: where ``mpp`` came from (``--mpp``, image metadata, spot pitch, spot diameter).
+    values_source: where ``X`` came from in the file (``X``, ``layers['counts']``, ``.raw``, ...).
     """
 
     name: str
@@ -65,6 +68,8 @@ class SpotSet:
     is_counts: bool
     spot_diameter_px: float | None = None
     source: str = ""
+    mpp_source: str = ""
+    values_source: str = "X"
 
     def __post_init__(self) -> None:
         n_obs, n_vars = self.X.shape
@@ -81,6 +86,10 @@ class SpotSet:
             raise InputError(f"pixel size must be a positive number of micrometres, got {self.mpp}{where}")
         if len(set(self.obs_names)) != n_obs:
             raise InputError(f"spot ids are not unique{where}")
+        if len(set(self.var_names)) != n_vars:
+            seen: set[str] = set()
+            repeated = [g for g in self.var_names if g in seen or seen.add(g)]
+            raise InputError(f"gene names repeat{where} (e.g. {', '.join(map(str, repeated[:5]))}); make them unique first")
         if n_obs == 0:
             raise InputError(f"no spots{where}")
 

@@ -34,14 +34,25 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random flips and 90° rotations (H&E has no canonical orientation); NHWC uint8."""
-    k = int(torch.randint(0, 4, (1,), generator=generator))
-    if k:
-        images = torch.rot90(images, k, dims=(1, 2))
-    if torch.rand(1, generator=generator).item() < 0.5:
-        images = images.flip(2)
-    return images.contiguous()
+def _augment(images: torch.Tensor, generator: torch.Generator | None = None, *, views: torch.Tensor | None = None) -> torch.Tensor:
+    """Random flips and 90° rotations (H&E has no canonical orientation), each sample its own:
+    sample i gets dihedral view ``views[i]`` (0..7, as ``models.bleep.dihedral``), drawn from
+    ``generator`` when not given. Square NHWC patches (uint8); a new tensor, the input untouched.
+    Cheap: one rotation/flip per distinct view drawn (at most 8), applied to its samples at once."""
+    from .models.bleep import dihedral
+
+    if views is None:
+        views = torch.randint(0, 8, (len(images),), generator=generator)
+    views = torch.as_tensor(views, dtype=torch.int64)
+    if views.shape != (len(images),):
+        raise ValueError(f"{len(views)} views for {len(images)} images")
+    if images.shape[1] != images.shape[2]:
+        raise ValueError(f"per-sample rotations need square patches, got {tuple(images.shape[1:3])}")
+    out = torch.empty_like(images, memory_format=torch.contiguous_format)
+    for view in torch.unique(views).tolist():
+        rows = torch.nonzero(views == view).squeeze(1)
+        out[rows] = dihedral(images[rows], view)
+    return out
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator):
@@ -60,8 +71,10 @@ def _train_end_to_end(model, images_all, expression_all, cfg, generator, device,
     )
 
     def step(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = distributed.local_rows(idx)  # the augmentation draws do not depend on the slice
-        images = _augment(images_all[idx], generator).to(device)
+        # one view per spot, drawn for the global batch: the draws do not depend on the slice
+        views = torch.randint(0, 8, (len(idx),), generator=generator)
+        idx, views = distributed.local_rows(idx), distributed.local_rows(views)
+        images = _augment(images_all[idx], views=views).to(device)
         return model.encode_image(images), model.encode_expression(expression_all[idx].to(device))
 
     return _fit(step, [model], optimizer, len(images_all), cfg, generator, progress)
@@ -201,7 +214,7 @@ def train_model(
         "train_loss": history,
         "n_spots": int(len(expression)),
         "n_genes": len(cfg.genes),
-        "datasets": {ref.name: {"spots": ref.n_obs, "source_values": ref.source_values, "mpp": ref.mpp} for ref in references},
+        "datasets": {ref.name: {"spots": ref.n_obs, "source_values": ref.source_values, "values_from": ref.values_source, "mpp": ref.mpp, "mpp_source": ref.mpp_source} for ref in references},
         "patch_read_seconds": round(read_seconds, 2),
         "train_seconds": round(time.perf_counter() - started - read_seconds, 2),
         "device": str(device),

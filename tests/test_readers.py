@@ -32,7 +32,7 @@ DATA = REPO.parent / "shared" / "data"
 SPACERANGER = DATA / "spaceranger-1.0.0"
 HER2ST = DATA / "her2st"
 SVS = DATA / "slides" / "CMU-1-Small-Region.svs"
-VISIUM_SPOT_UM = 55.0
+VISIUM_PITCH_UM = 100.0  # Visium spots, centre to centre
 POSITION_HEADER = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
 
 
@@ -92,6 +92,15 @@ def raw_spaceranger(folder: Path) -> dict:
     }
 
 
+def row_neighbour_px(raw: dict) -> float:
+    """Median pixel distance between in-tissue spots of one array row two columns apart: one Visium
+    pitch, measured straight from the positions file."""
+    spots = {(int(r[2]), int(r[3])): (float(r[5]), float(r[4])) for r in raw["rows"].values() if r[1] == "1"}
+    gaps = [np.hypot(x2 - x1, y2 - y1) for (row, col), (x1, y1) in spots.items() if (row, col + 2) in spots for x2, y2 in [spots[(row, col + 2)]]]
+    assert len(gaps) > 10
+    return float(np.median(gaps))
+
+
 def v2_copy(source: Path, target: Path, *, shuffle: bool = True) -> Path:
     """A Space Ranger ≥ 2.0 layout of ``source``: tissue_positions.csv with a header (rows shuffled,
     so only a join by barcode can work) instead of tissue_positions_list.csv."""
@@ -120,7 +129,10 @@ def test_spaceranger_v1_reads_barcodes_genes_positions_and_warns_about_hires(spa
     assert spots.image.path == spaceranger / "spatial" / "tissue_hires_image.png"
     assert spots.image.scale == pytest.approx(0.150015)
     assert spots.spot_diameter_px == pytest.approx(89.42751063343188)
-    assert spots.mpp == pytest.approx(VISIUM_SPOT_UM / 89.42751063343188), "no image metadata: Visium 55 µm / spot diameter"
+    # no image metadata: Visium spots sit 100 µm apart; neighbours in an array row are 2 columns apart
+    assert spots.mpp == pytest.approx(VISIUM_PITCH_UM / row_neighbour_px(raw), rel=0.005)
+    assert spots.mpp == pytest.approx(65.0 / 89.42751063343188, rel=0.01), "spot_diameter_fullres is 10x's 65 µm spot"
+    assert spots.mpp_source == "visium spot pitch 100 µm (array coordinates)"
 
 
 def test_spaceranger_v2_layout_gives_the_same_spots(spaceranger, tmp_path):
@@ -188,7 +200,7 @@ def test_spaceranger_with_an_image_uses_it_without_warning(spaceranger, tmp_path
         warnings.simplefilter("error", LowResolutionImageWarning)
         spots = api.read_reference(spaceranger, image=jpg)
         assert spots.image.path == jpg and spots.image.scale == 1.0
-        assert spots.mpp == pytest.approx(VISIUM_SPOT_UM / spots.spot_diameter_px), "a JPEG has no pixel size"
+        assert spots.mpp == pytest.approx(VISIUM_PITCH_UM / row_neighbour_px(raw_spaceranger(spaceranger)), rel=0.005), "a JPEG has no pixel size"
         assert api.read_reference(spaceranger, image=jpg, mpp=0.3).mpp == 0.3
         if SVS.exists():  # an image with a pixel size in its metadata wins over the spot size
             assert api.read_reference(spaceranger, image=SVS).mpp == pytest.approx(0.499, abs=1e-3)
@@ -242,8 +254,10 @@ def test_st_section_matches_raw_files_and_the_example_converter(shared_data, tmp
     slope_x = np.polyfit(table.loc[shared, "x"], table.loc[shared, "pixel_x"], 1)[0]
     slope_y = np.polyfit(table.loc[shared, "y"], table.loc[shared, "pixel_y"], 1)[0]
     px_per_um = (abs(slope_x) + abs(slope_y)) / 2 / 200.0
-    assert spots.mpp == pytest.approx(1 / px_per_um) and 0.6 < spots.mpp < 0.8
-    assert spots.spot_diameter_px == pytest.approx(100 * px_per_um)
+    # the reader fits both axes at once (an affine map: rotation and shear allowed); per-axis slopes agree
+    assert spots.mpp == pytest.approx(1 / px_per_um, rel=1e-3) and 0.6 < spots.mpp < 0.8
+    assert spots.mpp_source == "st spot pitch 200 µm (array coordinates)"
+    assert spots.spot_diameter_px == pytest.approx(100 / spots.mpp)
     assert spots.is_counts and spots.image.path == paths["image"]
 
     # the example converter writes the same spots to .h5ad

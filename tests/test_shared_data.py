@@ -100,13 +100,26 @@ def test_visium_crop_reads_as_log_normalised_reference_with_patches():
     from histoindex import api
     from histoindex.patch import spot_patches
 
-    ref = api.read_reference(VISIUM_H5AD, image=VISIUM_IMG, platform="visium")
+    from histoindex.errors import InputError
+
+    # X is log1p(CP10k) of 1,999 highly variable genes (expm1 sums to ~4-7k, not 10k) and the file
+    # keeps no raw counts: histoindex cannot check it, so the user must say so
+    with pytest.raises(InputError, match=r"not log1p\(counts per 10,000\) over all genes.*--log-normalised"):
+        api.read_reference(VISIUM_H5AD, image=VISIUM_IMG, platform="visium")
+    ref = api.read_reference(VISIUM_H5AD, image=VISIUM_IMG, platform="visium", log_normalised=True)
     assert ref.n_obs == 49
     assert ref.is_counts is False, "X of test_data.h5ad is log-normalised, not counts"
     (library,) = anndata.read_h5ad(VISIUM_H5AD).uns["spatial"].values()
     diameter = float(library["scalefactors"]["spot_diameter_fullres"])
     assert ref.spot_diameter_px == pytest.approx(diameter)
-    assert ref.mpp == pytest.approx(55.0 / diameter, rel=1e-6), "a JPEG has no pixel size: 55 µm Visium spot / diameter"
+    # a JPEG has no pixel size: Visium spots are 100 µm apart centre to centre; the crop's spots are
+    # 137 px apart, so 0.730 µm/px (the 89.4 px spot_diameter_fullres is 10x's 65 µm spot: 0.727)
+    xy = ref.xy
+    nearest = np.sort(np.linalg.norm(xy[:, None] - xy[None], axis=-1), axis=1)[:, 1]
+    assert ref.mpp == pytest.approx(100.0 / np.median(nearest), rel=1e-6)
+    assert ref.mpp == pytest.approx(0.730, abs=0.002)
+    assert ref.mpp == pytest.approx(65.0 / diameter, rel=0.01), "pitch and 65 µm / spot_diameter_fullres agree"
+    assert "spot pitch" in ref.mpp_source
 
     patches = spot_patches(ref, patch_um=TILE_UM, patch_px=32)
     assert patches.shape == (49, 32, 32, 3) and patches.dtype == np.uint8
@@ -124,7 +137,7 @@ def brain_store(tmp_path_factory):
     root = tmp_path_factory.mktemp("shared-data-e2e")
     db, out = root / "db", root / "x.parquet"
     ingest = invoke(
-        ["ingest", VISIUM_H5AD, "--image", VISIUM_IMG, "--tissue", "brain", "--platform", "visium", "--species", "mouse",
+        ["ingest", VISIUM_H5AD, "--image", VISIUM_IMG, "--log-normalised", "--tissue", "brain", "--platform", "visium", "--species", "mouse",
          "--db", db, "--backbone", "test_resnet", "--weights", "none", "--fine-tune", "--views", "1", "--patch-um", "110", "--patch-px", "32", "--epochs", "1", "--n-genes", "20", "--batch-size", "16"]
     )
     assert ingest.exit_code == 0, describe(ingest)
@@ -229,7 +242,7 @@ def test_her2st_converter_writes_a_readable_st_reference(tmp_path, capsys):
     X = ref.X.toarray() if hasattr(ref.X, "toarray") else np.asarray(ref.X)
     np.testing.assert_array_equal(X, counts.loc[ref.obs_names].to_numpy(), err_msg="counts joined by key, row for row")
     assert 0.6 < ref.mpp < 0.9, f"derived {ref.mpp:.3f} µm/px"
-    assert ref.mpp == pytest.approx(100.0 / ref.spot_diameter_px), "st: 100 µm spot / spot_diameter_fullres"
+    assert ref.mpp == pytest.approx(100.0 / ref.spot_diameter_px, rel=0.01), "st: the 200 µm grid and 100 µm / spot_diameter_fullres agree"
     assert ref.image.path is not None and ref.image.path.resolve() == image.resolve()
 
     import anndata

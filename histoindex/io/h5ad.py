@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from ..data import SPOT_DIAMETER_UM, ImageRef, SpotSet
+from ..data import ImageRef, SpotSet
 from ..errors import InputError, LowResolutionImageWarning
-from .slides import reference_mpp
+from .pixelsize import reference_pixel_size
 
 
 def _read(path: Path):
@@ -31,14 +31,87 @@ def _read(path: Path):
 
 
 def looks_like_counts(X) -> bool:
-    """True when X holds non-negative integers (raw counts); False for log-normalised values."""
+    """True when X holds non-negative integers (raw counts); False for other non-negative values."""
     values = X.data if sp.issparse(X) else np.asarray(X).ravel()
-    sample = values[: 200_000]
+    sample = values[:200_000]
     if sample.size == 0:
         return True
+    if not np.isfinite(sample).all():
+        raise InputError("expression has NaN or infinite values: expected counts or log-normalised values")
     if (sample < 0).any():
         raise InputError("expression has negative values: expected counts or log-normalised values")
     return bool(np.all(np.equal(np.mod(sample, 1), 0)))
+
+
+#: per-spot totals of expm1(X) that pass as log1p(counts per 10,000): within 1 %
+CP10K_TOLERANCE = 0.01
+
+
+def _row_sums(X) -> np.ndarray:
+    return np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
+
+
+def _expm1(X):
+    if sp.issparse(X):
+        out = X.astype(np.float64, copy=True)
+        out.data = np.expm1(out.data)
+        return out
+    return np.expm1(np.asarray(X, np.float64))
+
+
+def _describe(totals: np.ndarray) -> str:
+    lo, hi = np.percentile(totals, [5, 95])
+    return f"{lo:,.0f}..{hi:,.0f}" if abs(hi - lo) > 0.5 else f"{lo:,.0f}"
+
+
+def expression_matrix(adata, where: str, *, log_normalised: bool = False):
+    """The expression histoindex should use: ``(X, var_names, is_counts, source)``.
+
+    Raw counts are preferred wherever they are: ``X`` if it holds integers, else
+    ``layers['counts']``, else ``.raw``. A non-integer ``X`` with no counts beside it is accepted
+    only if it is log1p(counts per 10,000) over all genes (``expm1(X)`` sums to 10,000 per spot),
+    or when the caller asserts it (``log_normalised``: X is log1p(CP10k) of a gene subset, which
+    cannot be checked). Anything else — CP10k without the log, log1p of CPM, scaled values — is an
+    error that names the layer to use."""
+    var_names = np.asarray(adata.var_names, dtype=str)
+    if looks_like_counts(adata.X):
+        return adata.X, var_names, True, "X"
+    counts = adata.layers.get("counts") if hasattr(adata, "layers") else None
+    if counts is not None and looks_like_counts(counts):
+        return counts, var_names, True, "layers['counts']"
+    if adata.raw is not None and looks_like_counts(adata.raw.X):
+        return adata.raw.X, np.asarray(adata.raw.var_names, dtype=str), True, ".raw"
+    if log_normalised:
+        return adata.X, var_names, False, "X (log1p CP10k, as asserted with --log-normalised)"
+    totals = _row_sums(_expm1(adata.X))
+    if np.all(np.abs(totals / 1e4 - 1) <= CP10K_TOLERANCE):
+        return adata.X, var_names, False, "X (log1p CP10k)"
+    plain = _row_sums(adata.X)
+    if np.all(np.abs(plain / 1e4 - 1) <= CP10K_TOLERANCE):
+        guess = "X looks like counts per 10,000 without log1p"
+    elif np.all(np.abs(totals / 1e6 - 1) <= CP10K_TOLERANCE):
+        guess = "X looks like log1p of counts per million, not per 10,000"
+    else:
+        guess = "X is not log1p(counts per 10,000) over all genes (a gene subset, another normalisation or scaled values?)"
+    layers = ", ".join(adata.layers.keys()) if len(adata.layers) else "none"
+    raise InputError(
+        f"{where}: X holds non-integer values and no raw counts are beside it (layers: {layers}; .raw: "
+        f"{'not counts' if adata.raw is not None else 'none'}); expm1(X) sums to {_describe(totals)} per spot: "
+        f"{guess}. Store raw counts in X, layers['counts'] or .raw; or, if X really is log1p(CP10k) of a "
+        "gene subset, pass --log-normalised"
+    )
+
+
+def array_coordinates(obs) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(rows, cols) integer array coordinates from ``obs`` (``array_row``/``array_col`` as scanpy and
+    squidpy write them, or legacy ST ``array_y``/``array_x``), or (None, None)."""
+    for row_key, col_key in (("array_row", "array_col"), ("array_y", "array_x")):
+        if row_key in obs and col_key in obs:
+            rows = np.asarray(obs[row_key], dtype=np.float64)
+            cols = np.asarray(obs[col_key], dtype=np.float64)
+            if np.isfinite(rows).all() and np.isfinite(cols).all():
+                return rows, cols
+    return None, None
 
 
 def _library(adata, path: Path) -> tuple[str | None, dict]:
@@ -58,6 +131,7 @@ def read_h5ad(
     platform: str = "visium",
     name: str | None = None,
     mpp: float | None = None,
+    log_normalised: bool = False,
 ) -> SpotSet:
     """Read a Visium-layout ``.h5ad`` into a SpotSet.
 
@@ -65,9 +139,11 @@ def read_h5ad(
     ----------
     path: the ``.h5ad`` file.
     image: full-resolution H&E; overrides ``source_image_path`` in the file.
-    platform: used for the spot diameter when the image has no pixel size (visium 55 µm, st 100 µm).
+    platform: sets the spot pitch used for the pixel size when the image has none (visium 100 µm,
+        st 200 µm; see :mod:`histoindex.io.pixelsize`).
     name: dataset name (default: the file stem).
     mpp: micrometres per full-resolution pixel, overriding every other source.
+    log_normalised: X is log1p(CP10k) of a gene subset (only used when no raw counts are present).
     """
     path = Path(path)
     adata = _read(path)
@@ -78,26 +154,38 @@ def read_h5ad(
             "is this a spatial dataset in the scanpy/squidpy Visium layout?"
         )
     xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2]
+    if not np.isfinite(xy).all():
+        raise InputError(f"{where}: obsm['spatial'] has NaN or infinite spot positions")
     library, lib = _library(adata, path)
     scalefactors = dict(lib.get("scalefactors", {}))
     diameter = scalefactors.get("spot_diameter_fullres")
     diameter = float(diameter) if diameter else None
+    try:
+        X, var_names, is_counts, values_source = expression_matrix(adata, where, log_normalised=log_normalised)
+    except InputError as exc:
+        if str(exc).startswith(where):
+            raise
+        raise InputError(f"{where}: {exc}") from exc
 
     image_ref = _image_ref(path, adata, lib, image, scalefactors)
-    mpp = reference_mpp(
-        mpp=mpp, image_path=image_ref.path, image_scale=image_ref.scale, spot_diameter_px=diameter,
-        spot_um=SPOT_DIAMETER_UM.get(platform), where=where, diameter_source="uns['spatial'][...]['scalefactors']",
+    rows, cols = array_coordinates(adata.obs)
+    size = reference_pixel_size(
+        mpp=mpp, image_path=image_ref.path, image_scale=image_ref.scale, xy_px=xy, platform=platform,
+        array_rows=rows, array_cols=cols, spot_diameter_px=diameter, where=where,
+        diameter_source="uns['spatial'][...]['scalefactors']['spot_diameter_fullres']",
     )
 
     return SpotSet(
         name=name or path.stem,
-        X=adata.X if sp.issparse(adata.X) else np.asarray(adata.X),
+        X=X if sp.issparse(X) else np.asarray(X),
         obs_names=np.asarray(adata.obs_names, dtype=str),
-        var_names=np.asarray(adata.var_names, dtype=str),
+        var_names=var_names,
         xy=xy,
-        mpp=float(mpp),
+        mpp=size.mpp,
+        mpp_source=size.source,
         image=image_ref,
-        is_counts=looks_like_counts(adata.X),
+        is_counts=is_counts,
+        values_source=values_source,
         spot_diameter_px=diameter,
         source=str(path),
     )

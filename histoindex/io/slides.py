@@ -185,28 +185,6 @@ def image_mpp(path: str | Path) -> float | None:
         slide.close()
 
 
-def reference_mpp(
-    *, mpp: float | None, image_path: Path | None, image_scale: float, spot_diameter_px: float | None,
-    spot_um: float | None, where: str, diameter_source: str,
-) -> float:
-    """Micrometres per full-resolution pixel of a reference: ``mpp`` if given, else the image's
-    metadata (rescaled when the image is a downscaled copy), else the spot diameter in pixels and
-    the platform's physical spot size."""
-    if mpp is None and image_path is not None:
-        mpp = image_mpp(image_path)
-        if mpp is not None and image_scale != 1.0:
-            mpp = mpp * image_scale  # the image is downscaled; full-resolution pixels are smaller
-    if mpp is None:
-        if spot_diameter_px is None or spot_um is None:
-            raise InputError(
-                f"{where}: no pixel size: the image has none in its metadata and "
-                + (f"{diameter_source} gives no spot_diameter_fullres" if spot_diameter_px is None else "the platform has no known spot size")
-                + "; pass --mpp"
-            )
-        mpp = spot_um / spot_diameter_px
-    return float(mpp)
-
-
 def write_pyramidal_tiff(path: str | Path, image: np.ndarray, *, mpp: float, tile: int = 256, levels: int | None = None) -> Path:
     """Write an RGB array as a tiled, JPEG-compressed pyramidal TIFF that OpenSlide reads as a
     generic TIFF, with its pixel size in the resolution tags."""

@@ -28,10 +28,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ..data import SPOT_DIAMETER_UM, ImageRef, SpotSet
+from ..data import ImageRef, SpotSet
 from ..errors import InputError, LowResolutionImageWarning
 from .h5ad import looks_like_counts
-from .slides import reference_mpp
+from .pixelsize import reference_pixel_size
 
 MATRIX_FILE = "filtered_feature_bc_matrix.h5"
 POSITIONS_V2 = "tissue_positions.csv"
@@ -179,7 +179,7 @@ def read_spaceranger(
     path: the ``outs/`` folder (or the run folder holding it).
     image: the full-resolution H&E the positions refer to (Space Ranger does not keep it); without
         it the hires PNG is used, scaled by ``tissue_hires_scalef``, with a warning.
-    platform: used for the spot diameter when the image has no pixel size (visium 55 µm, st 100 µm).
+    platform: sets the spot pitch used for the pixel size when the image has none (visium 100 µm).
     name: dataset name (default: the folder name, or its parent's when it is called ``outs``).
     mpp: micrometres per full-resolution pixel, overriding every other source.
     """
@@ -207,9 +207,10 @@ def read_spaceranger(
     diameter = scalefactors.get("spot_diameter_fullres")
     diameter = float(diameter) if diameter else None
     image_ref = _image_ref(spatial, image, scalefactors)
-    mpp = reference_mpp(
-        mpp=mpp, image_path=image_ref.path, image_scale=image_ref.scale, spot_diameter_px=diameter,
-        spot_um=SPOT_DIAMETER_UM.get(platform), where=str(outs), diameter_source=str(spatial / SCALEFACTORS_FILE),
+    size = reference_pixel_size(
+        mpp=mpp, image_path=image_ref.path, image_scale=image_ref.scale, xy_px=xy, platform=platform,
+        array_rows=rows["array_row"].to_numpy(np.float64), array_cols=rows["array_col"].to_numpy(np.float64),
+        spot_diameter_px=diameter, where=str(outs), diameter_source=f"spot_diameter_fullres in {spatial / SCALEFACTORS_FILE}",
     )
 
     if name is None:
@@ -220,7 +221,8 @@ def read_spaceranger(
         obs_names=barcodes,
         var_names=genes,
         xy=xy,
-        mpp=float(mpp),
+        mpp=size.mpp,
+        mpp_source=size.source,
         image=image_ref,
         is_counts=looks_like_counts(X),
         spot_diameter_px=diameter,

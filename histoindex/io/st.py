@@ -11,9 +11,9 @@ a spot table have no count row. Only spots present in both (and ``selected == 1`
 exists) are kept, in spot-table order.
 
 Pixel size: ``mpp=``, else the image's metadata, else the array grid itself: legacy ST spots are
-100 µm wide on a 200 µm centre-to-centre grid, so least-squares fits of ``pixel_x ~ x`` and
-``pixel_y ~ y`` give pixels per array step; ``px_per_um = mean step / 200``, the spot diameter is
-``100 * px_per_um`` pixels and ``mpp = 1 / px_per_um``.
+100 µm wide on a 200 µm centre-to-centre grid, so an affine fit of ``pixel_x, pixel_y`` to the
+array coordinates gives pixels per micrometre (:mod:`histoindex.io.pixelsize`); the spot diameter
+is ``100 µm`` in those pixels. :func:`fit_grid` reports the per-axis steps (for diagnostics).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import scipy.sparse as sp
 from ..data import SPOT_DIAMETER_UM, ImageRef, SpotSet
 from ..errors import InputError
 from .h5ad import looks_like_counts
-from .slides import image_mpp
+from .pixelsize import reference_pixel_size
 from .spaceranger import make_names_unique
 
 SPOT_PITCH_UM = 200.0  # legacy ST centre-to-centre distance between neighbouring array positions
@@ -171,11 +171,14 @@ def read_st(
     table = read_spot_table(spots_path)
     matrix = read_st_counts(counts_path)
     table, matrix = join_st(table, matrix, where=f"{counts_path} + {spots_path}: ")
-    if mpp is None:
-        mpp = image_mpp(image_path)
-    if mpp is None:  # the usual case: JPEGs carry no pixel size, the 200 µm grid gives it
-        mpp = fit_grid(table, where=f"{spots_path}: {image_path.name} has no pixel size in its metadata; ").um_per_px
-    diameter = SPOT_DIAMETER_UM["st"] / float(mpp)
+    xy = table[["pixel_x", "pixel_y"]].to_numpy(np.float64)
+    # the usual case: JPEGs carry no pixel size, and the 200 µm grid gives it
+    size = reference_pixel_size(
+        mpp=mpp, image_path=image_path, image_scale=1.0, xy_px=xy, platform="st",
+        array_rows=table["y"].to_numpy(np.float64), array_cols=table["x"].to_numpy(np.float64),
+        where=f"{spots_path}",
+    )
+    diameter = SPOT_DIAMETER_UM["st"] / size.mpp
 
     values = matrix.to_numpy()
     if not np.issubdtype(values.dtype, np.number):
@@ -190,8 +193,9 @@ def read_st(
         X=X,
         obs_names=np.asarray(table.index, dtype=str),
         var_names=np.asarray(matrix.columns, dtype=str),
-        xy=table[["pixel_x", "pixel_y"]].to_numpy(np.float64),
-        mpp=float(mpp),
+        xy=xy,
+        mpp=size.mpp,
+        mpp_source=size.source,
         image=ImageRef(path=image_path),
         is_counts=looks_like_counts(X),
         spot_diameter_px=diameter,
