@@ -54,12 +54,12 @@ def main() -> None:
         rows, build = make_rows(n, "bleep-bench")
         print(f"| {n:,} | build Arrow rows from arrays (spot_rows) | {build:.2f} | {n / build:,.0f} |", flush=True)
         t = time.perf_counter()
-        store.replace_dataset(rows, "bench")
+        store.write_dataset(rows, model_id="bleep-bench", dataset="bench")
         seconds = time.perf_counter() - t
-        print(f"| {n:,} | write a new dataset (one commit) | {seconds:.2f} | {n / seconds:,.0f} |", flush=True)
+        print(f"| {n:,} | write a new dataset (merge_insert, one commit) | {seconds:.2f} | {n / seconds:,.0f} |", flush=True)
         rows2, _ = make_rows(n, "bleep-bench", seed=1)
         t = time.perf_counter()
-        store.replace_dataset(rows2, "bench")
+        store.write_dataset(rows2, model_id="bleep-bench", dataset="bench")
         seconds = time.perf_counter() - t
         print(f"| {n:,} | replace the dataset (merge_insert, one commit) | {seconds:.2f} | {n / seconds:,.0f} |", flush=True)
         assert store.table("spots").count_rows() == n

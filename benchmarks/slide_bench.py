@@ -92,7 +92,7 @@ def build_store(db: Path) -> dict[str, str]:
             xy=rng.random((N_REFERENCES, 2)) * 1e4, mpp=MPP, image_embedding=emb, expression_embedding=emb,
             expression=rng.gamma(1.0, 1.0, (N_REFERENCES, N_GENES)).astype(np.float32), source_values="raw_counts", model_id=ids[name],
         )
-        store.replace_dataset(rows, f"bench-{name}")
+        store.write_dataset(rows, model_id=ids[name], dataset=f"bench-{name}")
     return ids
 
 

@@ -29,7 +29,7 @@ from .patch import stream_patches, stream_spot_patches, tile_grid
 
 # torch and timm (seconds to import) load only inside the commands that run a model, so `sql`,
 # `versions` and `info` start fast.
-from .search import build_filter, check_filter_values, count_candidates, load_references, plan_search, search
+from .search import References, Scope, check_filter_values, search
 from .sql import run_sql
 from .store import Store, spot_rows
 
@@ -171,6 +171,7 @@ def train(
     db: str | Path,
     options: TrainOptions = TrainOptions(),
     device: str | None = None,
+    precision: str = "auto",
     progress: Progress | None = None,
     log: Log = _quiet,
 ) -> TrainResult:
@@ -186,11 +187,12 @@ def train(
     names = [r.name for r in references]
     if len(set(names)) != len(names):
         raise InputError(f"reference names repeat: {', '.join(names)}; give each a distinct --dataset name")
-    from .embed import resolve_device
+    from .embed import resolve_device, resolve_precision
     from .train import train_model
 
     cfg = _model_config(references, options)
     torch_device = resolve_device(device)
+    precision = resolve_precision(precision, torch_device)
 
     def epoch_done(epoch: int, epochs: int, loss: float) -> None:
         if progress is not None:
@@ -205,6 +207,7 @@ def train(
         weights=cfg.weights or None,
         device=torch_device,
         progress=epoch_done,
+        precision=precision,
     )
     from .distributed import launch_rank
 
@@ -253,8 +256,9 @@ def ingest(
             raise InputError(f"--{label} must not be empty")
     store = Store(db) if Store.exists(db) else None
     trained = False
-    if store is None or not store.models():
-        result = train([reference], db=db, options=train_options, device=device, progress=progress, log=log)
+    model_id = ingest_model(store, model_id, log=log)
+    if model_id is None:
+        result = train([reference], db=db, options=train_options, device=device, precision=precision, progress=progress, log=log)
         model_id, trained = result.model_id, True
     from .distributed import launch_rank
 
@@ -286,11 +290,35 @@ def ingest(
         source_values=reference.source_values,
         model_id=record.model_id,
     )
-    version = store.replace_dataset(rows, reference.name)
-    log(f"wrote {reference.n_obs} spots of {reference.name} (spots@{version})")
-    if store.has_vector_index():  # keep `query --search ann` covering every row
-        log(f"updated the spots indexes with the new rows (spots@{store.refresh_indexes()})")
+    version = store.write_dataset(rows, model_id=record.model_id, dataset=reference.name)
+    log(f"wrote {reference.n_obs} spots of {reference.name} under model {record.model_id} (spots@{version})")
     return IngestResult(dataset=reference.name, n_spots=reference.n_obs, spots_version=version, model_id=record.model_id, trained=trained)
+
+
+def ingest_model(store: Store | None, model_id: str | None, *, log: Log = _quiet) -> str | None:
+    """The model an ingest embeds with: ``model_id`` if given; else the one model the store's
+    spots already use (never silently a newer one: spots of two models are two embedding spaces,
+    and a query searches one); else, with no spots yet, the newest model; None when the store has
+    no model (the ingest trains one)."""
+    if store is None:
+        if model_id is not None:
+            raise StoreError(f"--model {model_id}: there is no store yet, so no model to embed with")
+        return None
+    models = store.models()
+    if model_id is not None:
+        store.model(model_id)  # an unknown id is an error that lists the known ones
+        return model_id
+    in_use = store.spot_models()
+    if len(in_use) > 1:
+        listed = "; ".join(f"{m} ({', '.join(d)})" for m, d in in_use.items())
+        raise StoreError(f"the store's spots were embedded by {len(in_use)} models: {listed}; pass --model to choose one")
+    if in_use:
+        (chosen,) = in_use
+        newest = models[-1].model_id if models else chosen
+        if newest != chosen:
+            log(f"embedding with {chosen}, the model the store's spots use; the newer model {newest} has none (pass --model {newest} to ingest under it)")
+        return chosen
+    return models[-1].model_id if models else None
 
 
 # ---- query --------------------------------------------------------------------------------
@@ -314,13 +342,22 @@ class QueryResult:
 
 
 def _query_model(store: Store, version: int | None, model_id: str | None):
+    """The model a query searches: ``model_id`` (which must have spots at ``version``), else the one
+    model the spots at ``version`` were embedded by; several is an error naming them."""
+    in_use = store.spot_models(version=version)
+    at = f"spots@{version if version is not None else 'latest'}"
     if model_id is not None:
-        return store.model(model_id)
-    present = set(store.distinct("spots", "model_id", version=version))
-    candidates = [m for m in store.models() if m.model_id in present]
-    if not candidates:
-        raise StoreError(f"spots@{version or 'latest'} holds no spots of any registered model; ingest a reference first")
-    return candidates[-1]
+        record = store.model(model_id)
+        if model_id not in in_use:
+            raise StoreError(f"{at} holds no spots embedded by model {model_id}; models with spots: {', '.join(in_use) or 'none'}")
+        return record
+    if not in_use:
+        raise StoreError(f"{at} holds no spots of any registered model; ingest a reference first")
+    if len(in_use) > 1:
+        listed = "; ".join(f"{m} ({', '.join(d)})" for m, d in in_use.items())
+        raise StoreError(f"{at} holds spots of {len(in_use)} models (separate embedding spaces): {listed}; pass --model")
+    (only,) = in_use
+    return store.model(only)
 
 
 def default_read_workers() -> int:
@@ -384,11 +421,13 @@ def query(
         plot = check_gene_names(plot, cfg.genes, where=f"model {record.model_id}")
     torch_device = resolve_device(device)
     precision = resolve_precision(precision, torch_device)
+    scope = Scope(model_id=record.model_id, tissue=tissue, platform=platform, species=species, where=where)
     check_filter_values(store, version=version, model_id=record.model_id, tissue=tissue, platform=platform, species=species)
-    predicate = build_filter(model_id=record.model_id, tissue=tissue, platform=platform, species=species, where=where)
-    path = plan_search(search_mode, count_candidates(store, where=predicate, version=version))  # a bad filter fails here
-    references = load_references(store, where=predicate, version=version, embeddings=path == "exact")
-    k_eff = min(k, len(references.row_ids))
+    references = References(store, scope, version=version, mode=search_mode, device=str(torch_device))  # a bad filter fails here
+    predicate, path = references.where, references.path
+    k_eff = min(k, references.n)
+    if k_eff < k:
+        log(f"warning: --k {k} is more than the {references.n} reference spots that match; averaging all {references.n}")
 
     slide = open_slide(slide_path, mpp=mpp)
     try:
@@ -404,7 +443,7 @@ def query(
     finally:
         slide.close()
     n = len(grid)
-    log(f"{n} {'spots' if spots is not None else 'tissue tiles'} of {cfg.patch_um:g} µm on {Path(slide_path).name} ({grid.mpp:.3g} µm/px); {path} search over {len(references.row_ids)} references on {torch_device} ({precision})")
+    log(f"{n} {'spots' if spots is not None else 'tissue tiles'} of {cfg.patch_um:g} µm on {Path(slide_path).name} ({grid.mpp:.3g} µm/px); {path} search over {references.n} references on {torch_device} ({precision})")
     model = load_model(cfg, record.weights(), device=torch_device)
 
     run_id = uuid.uuid4().hex[:12]
@@ -444,8 +483,8 @@ def query(
         done = 0
         try:
             for queries in embeddings:
-                hits, _ = search(store, queries, where=predicate, k=k, references=references, mode=path, device=str(torch_device))
-                values = impute(hits, references.expression)
+                hits = search(references, queries, k=k)
+                values = impute(hits, references)
                 rows = slice(done, done + len(values))
                 if writer is not None:
                     writer.write(grid.ids[rows], grid.xy[rows], values)
@@ -470,7 +509,7 @@ def query(
     stream_seconds = time.perf_counter() - stream_started
     predicted = np.concatenate(kept) if kept else np.zeros((0, len(cfg.genes)), np.float32)
     seconds = time.perf_counter() - started
-    log(f"predicted {len(cfg.genes)} genes for {n} tiles ({path} top-{k_eff} of {len(references.row_ids)} references, spots@{references.spots_version}) in {seconds:.1f} s ({n / seconds:.0f} tiles/s); predictions@{predictions_version}")
+    log(f"predicted {len(cfg.genes)} genes for {n} tiles ({path} top-{k_eff} of {references.n} references, spots@{references.spots_version}) in {seconds:.1f} s ({n / seconds:.0f} tiles/s); predictions@{predictions_version}")
     plots = tuple(plot_predictions(out, genes=[gene], out=picture_path(out, gene)) for gene in plot)
     for picture in plots:
         log(f"drew {picture}")
@@ -597,8 +636,9 @@ def evaluate(
 # ---- indexes ------------------------------------------------------------------------------
 def create_index(*, db: str | Path, index_type: str = "IVF_PQ", num_partitions: int | None = None, num_sub_vectors: int | None = None) -> int:
     """Build the ANN index on the reference expression embeddings (cosine) used by
-    ``query --search ann`` (and ``auto`` above the exact-search size), and bring the scalar indexes
-    up to date with rows ingested since they were built. Returns the new spots version."""
+    ``query --search ann`` (and ``auto`` above the exact-search size), build the scalar (bitmap)
+    indexes on the filter columns if missing, and bring them up to date with rows ingested since.
+    Returns the new spots version."""
     from .store import Store as _Store
 
     store = _Store(db)
@@ -622,6 +662,8 @@ def create_index(*, db: str | Path, index_type: str = "IVF_PQ", num_partitions: 
     if index_type == "IVF_PQ":
         options["num_sub_vectors"] = num_sub_vectors or 16
     tbl.create_index("expression_embedding", config=kinds[index_type](**options), replace=True)
+    for name in ("spots", "predictions"):  # bitmap indexes on the filter columns, built once
+        store.build_scalar_indexes(name)
     return store.refresh_indexes()  # folds rows ingested since into the scalar indexes
 
 

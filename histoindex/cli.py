@@ -30,7 +30,7 @@ def _default_db() -> str:
 
 
 def _log(message: str) -> None:
-    console.print(message, markup=False)
+    console.print(message, markup=False, soft_wrap=True)  # one line per message, also in logs
 
 
 class _RateColumn(ProgressColumn):
@@ -226,7 +226,7 @@ def evaluate(references, holdouts, platform, markers, k, baselines, out, as_json
 @click.option("--platform", default="visium", show_default=True, help="visium, st, ...")
 @click.option("--species", default="human", show_default=True)
 @click.option("--dataset", help="Dataset name (default: file name without extension).")
-@click.option("--model", "model_id", help="Model to embed with (default: the newest).")
+@click.option("--model", "model_id", help="Model to embed with (default: the one the store's spots use; the newest model if there are no spots yet).")
 @db_option
 @reference_options
 @training_options
@@ -268,7 +268,7 @@ def ingest(reference, tissue, platform, species, dataset, model_id, db, image, m
 @click.option("--mpp", type=float, help="Micrometres per pixel, when the slide has none (or to override it).")
 @click.option("--as-of", help="Search the spots table as of this version (number or tag).")
 @click.option("--spots", "spots_file", type=click.Path(dir_okay=False), help="Predict at these positions: .h5ad, or CSV/Parquet with spot,x,y.")
-@click.option("--model", "model_id", help="Model id (default: the newest with ingested spots).")
+@click.option("--model", "model_id", help="Model id (default: the one model the store's spots were embedded by; required when there are several).")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--plot", "plot_genes", multiple=True, metavar="GENE", help="Also draw this gene over the slide into <out stem>.<GENE>.png (repeatable; needs --out).")
 @click.option("--search", "search_mode", type=click.Choice(["auto", "exact", "ann"]), default="auto", show_default=True, help="exact: in-memory matrix products over the filtered references; ann: LanceDB's vector index (histoindex index); auto: exact up to 2M candidates.")
@@ -441,19 +441,21 @@ def info(db):
     for name, t in summary["tables"].items():
         tables.add_row(name, str(t["version"]), str(t["rows"]), ", ".join(t["indexes"]))
     out.print(tables)
-    if summary["datasets"]:
-        datasets = Table(title="datasets")
-        for column in summary["datasets"][0]:
-            datasets.add_column(column)
-        for row in summary["datasets"]:
-            datasets.add_row(*map(str, row.values()))
-        out.print(datasets)
     models = Table(title="models")
-    for column in ("model_id", "backbone", "genes", "trained_on", "created_at"):
+    for column in ("model_id", "method", "backbone", "genes", "trained_on", "created_at"):
         models.add_column(column)
     for m in summary["models"]:
-        models.add_row(m["model_id"], m["backbone"], str(m["genes"]), ", ".join(m["trained_on"]), str(m["created_at"])[:19])
+        models.add_row(m["model_id"], m["method"], m["backbone"], str(m["genes"]), ", ".join(m["trained_on"]), str(m["created_at"])[:19])
     out.print(models)
+    for m in summary["models"]:  # the spots of each model: separate embedding spaces, searched apart
+        if not m["datasets"]:
+            continue
+        datasets = Table(title=f"datasets embedded by {m['model_id']}")
+        for column in m["datasets"][0]:
+            datasets.add_column(column)
+        for row in m["datasets"]:
+            datasets.add_row(*map(str, row.values()))
+        out.print(datasets)
 
 
 @cli.command()

@@ -71,10 +71,12 @@ def iter_image_embeddings(model: nn.Module, batches: Iterable[np.ndarray], *, de
     model = _to_device(model, device)
     views = getattr(model.cfg, "views", 1)
     for b in batches:
-        with torch.inference_mode(), autocast(device, precision):
+        with torch.inference_mode():
             images = torch.from_numpy(b).to(device, non_blocking=True)
-            embedding = model.encode_image(images, views)
-        yield F.normalize(embedding.float(), dim=-1).cpu().numpy()
+            with autocast(device, precision):  # the backbone in bf16 where it pays ...
+                features = model.image_features(images, views)
+            embedding = model.image_projection(features.float())  # ... the heads in fp32, as in training
+        yield F.normalize(embedding, dim=-1).cpu().numpy()
 
 
 def embed_images(model: nn.Module, batches: Iterable[np.ndarray], *, device: torch.device, precision: str = "fp32") -> np.ndarray:

@@ -61,7 +61,9 @@ def retrieval_mean(query: np.ndarray, keys: np.ndarray, values: np.ndarray, k: i
         aug_q = np.concatenate([2 * query, -np.ones((len(query), 1), np.float32)], axis=1)
         aug_k = np.concatenate([keys, (keys**2).sum(axis=1, keepdims=True)], axis=1)
         idx, _ = exact_topk(aug_q, aug_k, k)
-    return values[idx].mean(axis=1)
+    from .impute import average_rows
+
+    return average_rows(idx, values)
 
 
 def ridge_on_features(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, *, n_components: int = 256) -> np.ndarray:
@@ -146,14 +148,15 @@ def evaluate(
     k: int = 50,
     baselines: bool = True,
     device: str | None = None,
+    precision: str = "auto",
     log: Callable[[str], None] = lambda _: None,
 ) -> Evaluation:
     """Leave each of ``holdouts`` (default: every section) out in turn: train on the others with
     ``options`` (api.TrainOptions), predict the held-out spots by retrieval exactly as ``query``
     does, and score model and baselines on the same genes."""
     from . import api
-    from .embed import backbone_features, batched, embed_expression, embed_images, resolve_device
-    from .impute import impute
+    from .embed import backbone_features, batched, embed_expression, embed_images, resolve_device, resolve_precision
+    from .impute import average_rows
     from .models import create_model
     from .patch import spot_patches
     from .search import exact_topk
@@ -170,6 +173,7 @@ def evaluate(
     if len(references) < 2:
         raise InputError("evaluation needs at least two sections: one to hold out, one to train on")
     torch_device = resolve_device(device)
+    precision = resolve_precision(precision, torch_device)  # what train, ingest and query use here
     import torch.nn.functional as F_
     import torch
 
@@ -183,7 +187,7 @@ def evaluate(
     for ref in references:
         patches[ref.name] = spot_patches(ref, patch_um=probe.patch_um, patch_px=probe.patch_px)
         if baselines or probe.freeze_backbone:
-            features[ref.name] = backbone_features(frozen, batched(patches[ref.name], 64), device=torch_device, views=8)
+            features[ref.name] = backbone_features(frozen, batched(patches[ref.name], 64), device=torch_device, views=8, precision=precision)
     folds = []
     for holdout in holdouts:
         test = references[names.index(holdout)]
@@ -193,7 +197,7 @@ def evaluate(
         genes = list(cfg.genes)
         log(f"fold {holdout}: training on {', '.join(r.name for r in train)} ({sum(r.n_obs for r in train)} spots, {len(genes)} genes)")
         cached = np.concatenate([features[r.name] for r in train]) if cfg.freeze_backbone else None
-        result = train_model(train, cfg, weights=cfg.weights or None, device=torch_device, features=cached)
+        result = train_model(train, cfg, weights=cfg.weights or None, device=torch_device, features=cached, precision=precision)
         train_seconds = time.perf_counter() - started
         model = result.model.to(torch_device).eval()
         train_expr = np.concatenate([r.normalized(genes) for r in train])
@@ -203,12 +207,10 @@ def evaluate(
                 view_mean = torch.from_numpy(features[holdout][:, : max(cfg.views, 1)].mean(axis=1)).to(torch_device)
                 queries = F_.normalize(model.image_projection(view_mean), dim=-1).float().cpu().numpy()
         else:
-            queries = embed_images(model, batched(patches[holdout], 64), device=torch_device)
+            queries = embed_images(model, batched(patches[holdout], 64), device=torch_device, precision=precision)
         keys = embed_expression(model, train_expr, device=torch_device)
-        idx, sims = exact_topk(queries, keys, k)
-        from .data import Hits
-
-        predictions = {"histoindex": impute(Hits(indices=idx, similarities=sims, spots_version=0), train_expr)}
+        idx, _ = exact_topk(queries, keys, k)
+        predictions = {"histoindex": average_rows(idx, train_expr)}
 
         if baselines:
             views = max(cfg.views, 1)
@@ -238,5 +240,5 @@ def evaluate(
             )
         )
         log(f"fold {holdout}: " + "; ".join(f"{s} HEG {v[f'HEG-50']:.3f} HVG {v['HVG-50']:.3f}" for s, v in scores.items()))
-    config = {"options": {k2: getattr(options, k2) for k2 in options.__dataclass_fields__}, "k": k, "markers": list(markers), "device": str(torch_device)}
+    config = {"options": {k2: getattr(options, k2) for k2 in options.__dataclass_fields__}, "k": k, "markers": list(markers), "device": str(torch_device), "precision": precision}
     return Evaluation(folds=folds, config=config)

@@ -67,19 +67,33 @@ def _arrow_type(spec: dict) -> pa.DataType:
     return _SCALARS[kind]
 
 
+#: Lance's field metadata for key columns: a concurrent merge_insert that inserts the same key
+#: conflicts at commit and is retried against the newer version, instead of duplicating rows
+PRIMARY_KEY_METADATA = {"lance-schema:unenforced-primary-key": "true"}
+
+
 @cache
 def layout(table: str) -> TableLayout:
     """The layout of ``table`` (one of spots, predictions, models)."""
     if table not in TABLES:
         raise SchemaMismatch(f"no schema for table {table!r}; tables are {', '.join(TABLES)}")
     spec = json.loads((_schema_dir() / f"{table}.json").read_text())
-    fields = [pa.field(c["name"], _arrow_type(c), nullable=c.get("nullable", True)) for c in spec["columns"]]
+    # key columns in the table's column order: Lance's merge_insert detects a concurrent insert of
+    # the same key only when its `on` columns come in the order of the primary-key fields
+    named = set(spec.get("key", ()))
+    key = tuple(c["name"] for c in spec["columns"] if c["name"] in named)
+    if len(key) != len(named):
+        raise SchemaMismatch(f"table {table!r}: key columns {sorted(named - set(key))} are not columns")
+    fields = [
+        pa.field(c["name"], _arrow_type(c), nullable=c.get("nullable", True), metadata=PRIMARY_KEY_METADATA if c["name"] in key else None)
+        for c in spec["columns"]
+    ]
     meta = {"histoindex.table": table, "histoindex.schema_version": str(spec["schema_version"])}
     return TableLayout(
         name=table,
         schema_version=int(spec["schema_version"]),
         schema=pa.schema(fields, metadata=meta),
-        key=tuple(spec.get("key", ())),
+        key=key,
         scalar_indexes=tuple((i["column"], i["type"]) for i in spec.get("scalar_indexes", ())),
     )
 

@@ -1,40 +1,42 @@
 """Top-k search of query image embeddings against the reference expression embeddings, with the
 filter pushed down into LanceDB (prefilter), for a whole batch of queries at once.
 
+A search runs inside a :class:`Scope`: always one model (embeddings of different models live in
+different spaces), then the user's tissue / platform / species values (matched literally) and an
+optional ``--where`` expression (validated as one boolean expression and parenthesised, so it can
+only narrow the scope). Every reference row read is checked against the scope's model and values.
+
 A small planner picks the path. ``exact``: the filtered reference embeddings are read once (the
-filter runs inside the Lance scan) and top-k comes from chunked matrix products (torch, on the GPU
-when present) — exact, and the fastest path while the candidates fit in memory. ``ann``: LanceDB's
-vector index (``histoindex index``), with ``nprobes`` and ``refine_factor``, for references too large
-to hold; without an index LanceDB falls back to its own flat scan. ``auto``: exact up to
-``EXACT_MAX_ROWS`` candidates, else ann."""
+filter runs inside the Lance scan), moved to the device once, and top-k comes from chunked matrix
+products (torch, on the GPU when present) — exact, and the fastest path while the candidates fit in
+memory. ``ann``: LanceDB's vector index (``histoindex index``), with ``nprobes`` and
+``refine_factor``, for references too large to hold; without an index LanceDB falls back to its own
+flat scan. ``auto``: exact up to ``EXACT_MAX_ROWS`` candidates, else ann. Either way, expression
+profiles are read only for the rows that are hits, chunk by chunk, unless all the candidates'
+profiles fit in ``EXPRESSION_CACHE_BYTES``."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from .data import Hits
-from .errors import StoreError, UnknownValue
+from .errors import InputError, StoreError, UnknownValue
 from .store import Store, has_vector_index, sql_literal
-
-
-@dataclass(frozen=True)
-class ReferenceBlock:
-    """The filtered reference rows a search may return: their LanceDB row ids (sorted) and
-    expression profiles, read once at one table version."""
-
-    row_ids: np.ndarray
-    expression: np.ndarray
-    spots_version: int
-    embeddings: np.ndarray | None = None  # expression embeddings, for the exact path
-
 
 SEARCH_MODES = ("auto", "exact", "ann")
 #: candidates held in memory for exact search: 2M × 256 float32 = 2 GB
 EXACT_MAX_ROWS = 2_000_000
 #: queries per LanceDB batched search (a batch of 10k exhausts file handles on 1M rows)
 ANN_BATCH = 1024
+#: all candidates' expression profiles are read up front when they fit in this many bytes;
+#: otherwise only the hit rows' profiles are read, chunk by chunk
+EXPRESSION_CACHE_BYTES = 1 << 30
+#: columns that scope a search; each is checked on every reference row read
+SCOPE_COLUMNS = ("model_id", "tissue", "platform", "species")
 
 
 def plan_search(mode: str, n_candidates: int) -> str:
@@ -46,16 +48,85 @@ def plan_search(mode: str, n_candidates: int) -> str:
     return mode
 
 
+def check_where(where: str) -> str:
+    """``where`` if it is one self-contained boolean expression: parentheses balanced outside string
+    literals and quoted names (so it cannot close the scope's parentheses and add ``OR ...``), no
+    statement separator and no comment. Returns it stripped."""
+    text = where.strip()
+    if not text:
+        raise InputError("--where is empty")
+    depth, i, n = 0, 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch in "'\"`":  # a literal or quoted name: skip to its closing quote ('' and "" escape)
+            j = i + 1
+            while True:
+                j = text.find(ch, j)
+                if j < 0:
+                    raise InputError(f"--where {where!r}: unterminated {ch} quote")
+                if j + 1 < n and text[j + 1] == ch:
+                    j += 2
+                    continue
+                break
+            i = j + 1
+            continue
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth < 0:
+                raise InputError(f"--where {where!r}: a ')' closes a parenthesis the expression did not open; give one boolean expression")
+        elif ch == ";":
+            raise InputError(f"--where {where!r}: ';' is not allowed; give one boolean expression")
+        elif text.startswith("--", i) or text.startswith("/*", i):
+            raise InputError(f"--where {where!r}: comments are not allowed; give one boolean expression")
+        i += 1
+    if depth:
+        raise InputError(f"--where {where!r}: {depth} unclosed '('; give one boolean expression")
+    return text
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Which reference rows a search may use: one model, literal filter values, and an optional
+    validated ``where`` expression."""
+
+    model_id: str
+    tissue: str | None = None
+    platform: str | None = None
+    species: str | None = None
+    where: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.where is not None:
+            object.__setattr__(self, "where", check_where(self.where))
+
+    @property
+    def values(self) -> dict[str, str]:
+        """The columns pinned to one value: the model, and whichever filters are set."""
+        pinned = {"model_id": self.model_id, "tissue": self.tissue, "platform": self.platform, "species": self.species}
+        return {column: value for column, value in pinned.items() if value is not None}
+
+    @property
+    def predicate(self) -> str:
+        """The SQL pushed into the Lance scan; ``where`` is parenthesised, so it only narrows."""
+        clauses = [f"{column} = {sql_literal(value)}" for column, value in self.values.items()]
+        if self.where:
+            clauses.append(f"({self.where})")
+        return " AND ".join(clauses)
+
+    def verify(self, rows: pa.Table, *, version: int) -> None:
+        """Every row read must carry the scope's model and filter values (a second check behind the
+        predicate: rows of another model are in another embedding space)."""
+        for column, value in self.values.items():
+            if column in rows.column_names and rows.num_rows and not pc.all(pc.equal(rows.column(column), value)).as_py():
+                found = sorted(set(rows.column(column).unique().to_pylist()) - {value})
+                raise StoreError(f"spots@{version}: the search for {column} = {value!r} read rows with {column} {', '.join(map(repr, found))}; refusing to mix them")
+
+
 def build_filter(*, model_id: str, tissue: str | None = None, platform: str | None = None, species: str | None = None, where: str | None = None) -> str:
-    """The SQL predicate for a query: always the model (embeddings of different models live in
-    different spaces), then the user's filters."""
-    clauses = [f"model_id = {sql_literal(model_id)}"]
-    for column, value in (("tissue", tissue), ("platform", platform), ("species", species)):
-        if value is not None:
-            clauses.append(f"{column} = {sql_literal(value)}")
-    if where:
-        clauses.append(f"({where})")
-    return " AND ".join(clauses)
+    """The SQL predicate of :class:`Scope` (kept for callers that only need the text)."""
+    return Scope(model_id=model_id, tissue=tissue, platform=platform, species=species, where=where).predicate
 
 
 def check_filter_values(store: Store, *, version: int | None, model_id: str, **filters: str | None) -> None:
@@ -71,72 +142,112 @@ def check_filter_values(store: Store, *, version: int | None, model_id: str, **f
             )
 
 
-def load_references(store: Store, *, where: str, version: int | None = None, embeddings: bool = False) -> ReferenceBlock:
-    """The rows matching ``where`` (one Lance scan with the filter pushed down): row ids, expression
-    profiles and, with ``embeddings``, the expression embeddings for exact search."""
-    tbl = store.table("spots", version=version)
-    columns = ["expression", "expression_embedding"] if embeddings else ["expression"]
-    try:
-        arrow = tbl.search().where(where).select(columns).with_row_id(True).limit(None).to_arrow()
-    except Exception as exc:
-        raise StoreError(f"cannot apply filter {where!r}: {exc}") from exc
-    if arrow.num_rows == 0:
-        raise StoreError(f"no reference spots match {where!r} in spots@{tbl.version}")
-    row_ids = arrow.column("_rowid").to_numpy()
-    order = np.argsort(row_ids)
-    lists = arrow.column("expression").combine_chunks()
-    n_genes = len(lists[0])
-    expression = lists.flatten().to_numpy(zero_copy_only=False).reshape(-1, n_genes)
-    keys = None
-    if embeddings:
-        vectors = arrow.column("expression_embedding").combine_chunks()
-        keys = vectors.flatten().to_numpy(zero_copy_only=False).reshape(len(vectors), -1)[order]
-    return ReferenceBlock(row_ids=row_ids[order], expression=expression[order], spots_version=tbl.version, embeddings=keys)
+def _as_matrix(column: pa.ChunkedArray | pa.Array, width: int | None = None) -> np.ndarray:
+    """A list / fixed-size-list column as a float32 (n, width) matrix."""
+    lists = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    flat = lists.flatten().to_numpy(zero_copy_only=False)
+    n = len(lists)
+    width = width if width is not None else (len(flat) // n if n else 0)
+    return np.require(flat.reshape(n, width), np.float32, ["C", "W"])  # Arrow buffers are read-only
 
 
-def count_candidates(store: Store, *, where: str, version: int | None = None) -> int:
-    tbl = store.table("spots", version=version)
-    try:
-        return tbl.count_rows(where)
-    except Exception as exc:
-        raise StoreError(f"cannot apply filter {where!r}: {exc}") from exc
+class References:
+    """The reference rows a search may return, at one ``spots`` version.
+
+    ``exact``: the candidates' row ids and expression embeddings are read once (embeddings moved to
+    ``device`` once, for every chunk of queries), and their expression profiles too when they fit in
+    ``EXPRESSION_CACHE_BYTES``. ``ann``: nothing is read up front but the count. In both, the
+    profiles of hit rows not held in memory are read by row id (:meth:`expression`)."""
+
+    def __init__(self, store: Store, scope: Scope, *, version: int | str | None = None, mode: str = "auto", device: str = "cpu"):
+        self.store = store
+        self.scope = scope
+        self.table = store.table("spots", version=version)
+        self.spots_version = self.table.version
+        self.where = scope.predicate
+        try:
+            self.n = self.table.count_rows(self.where)
+        except Exception as exc:
+            raise StoreError(f"cannot apply filter {self.where!r}: {exc}") from exc
+        if self.n == 0:
+            raise StoreError(f"no reference spots match {self.where!r} in spots@{self.spots_version}")
+        self.path = plan_search(mode, self.n)
+        self.device = device
+        self.row_ids: np.ndarray | None = None
+        self.keys = None  # torch tensor on device (exact)
+        self._expression: np.ndarray | None = None
+        self._positions: dict | None = None
+        if self.path == "exact":
+            self._load_exact()
+
+    def _scan(self, columns: list[str]) -> pa.Table:
+        try:
+            return self.table.search().where(self.where).select(columns).with_row_id(True).limit(None).to_arrow()
+        except Exception as exc:
+            raise StoreError(f"cannot apply filter {self.where!r}: {exc}") from exc
+
+    def _load_exact(self) -> None:
+        import torch
+
+        n_genes = self._n_genes()
+        cache = self.n * n_genes * 4 <= EXPRESSION_CACHE_BYTES
+        columns = ["expression_embedding", *SCOPE_COLUMNS] + (["expression"] if cache else [])
+        arrow = self._scan(columns)
+        self.scope.verify(arrow, version=self.spots_version)
+        order = np.argsort(arrow.column("_rowid").to_numpy())
+        arrow = arrow.take(pa.array(order))
+        self.row_ids = arrow.column("_rowid").to_numpy()
+        keys = _as_matrix(arrow.column("expression_embedding"))
+        self.keys = torch.from_numpy(keys).to(self.device)  # once per query, not per chunk
+        if cache:
+            self._expression = _as_matrix(arrow.column("expression"), n_genes)
+
+    def _n_genes(self) -> int:
+        first = self.table.search().where(self.where).select(["expression"]).limit(1).to_arrow()
+        return len(first.column("expression")[0])
+
+    def expression(self, row_ids: np.ndarray) -> np.ndarray:
+        """Expression profiles of ``row_ids`` (LanceDB row ids), in that order; rows outside the
+        scope are an error."""
+        row_ids = np.asarray(row_ids, np.int64)
+        if self._expression is not None:
+            positions = np.searchsorted(self.row_ids, row_ids)
+            if (positions >= len(self.row_ids)).any() or (self.row_ids[np.minimum(positions, len(self.row_ids) - 1)] != row_ids).any():
+                raise StoreError(f"spots@{self.spots_version}: a neighbour is not among the rows matching {self.where!r}")
+            return self._expression[positions]
+        rows = self.table.to_lance()._take_rows(pa.array(row_ids.astype(np.uint64)), columns=["expression", *SCOPE_COLUMNS])
+        if rows.num_rows != len(row_ids):
+            raise StoreError(f"spots@{self.spots_version}: {len(row_ids) - rows.num_rows} neighbour rows could not be read")
+        self.scope.verify(rows, version=self.spots_version)
+        return _as_matrix(rows.column("expression"))
 
 
 def search(
-    store: Store,
+    references: References,
     queries: np.ndarray,
     *,
-    where: str,
     k: int = 50,
-    version: int | None = None,
-    references: ReferenceBlock | None = None,
-    mode: str = "auto",
-    device: str = "cpu",
     nprobes: int = 20,
     refine_factor: int = 5,
-) -> tuple[Hits, ReferenceBlock]:
+) -> Hits:
     """For each query (unit-length image embedding), the ``k`` most cosine-similar reference
-    expression embeddings among rows matching ``where``, by the path :func:`plan_search` picks."""
+    expression embeddings among ``references``, by the path the planner chose. ``k`` above the
+    number of candidates is cut to it."""
     if k < 1:
         raise StoreError(f"k must be at least 1, got {k}")
-    if references is None:
-        path = plan_search(mode, count_candidates(store, where=where, version=version))
-        references = load_references(store, where=where, version=version, embeddings=path == "exact")
-    else:
-        path = "exact" if references.embeddings is not None and mode != "ann" else "ann"
-    k_eff = min(k, len(references.row_ids))
-    if path == "exact":
-        indices, sims = exact_topk(queries, references.embeddings, k_eff, device=device)
-        return Hits(indices=indices, similarities=sims, spots_version=references.spots_version), references
+    k_eff = min(k, references.n)
+    if references.path == "exact":
+        positions, sims = exact_topk(queries, references.keys, k_eff, device=references.device)
+        return Hits(indices=references.row_ids[positions], similarities=sims, spots_version=references.spots_version)
 
-    tbl = store.table("spots", version=references.spots_version)
+    tbl = references.table
     indexed = has_vector_index(tbl)
     parts = []
     for start in range(0, len(queries), ANN_BATCH):  # LanceDB opens files per query: bounded batches
         builder = (
             tbl.search(np.ascontiguousarray(queries[start : start + ANN_BATCH], np.float32), vector_column_name="expression_embedding")
             .distance_type("cosine")
-            .where(where, prefilter=True)
+            .where(references.where, prefilter=True)
             .limit(k_eff)
         )
         if indexed:
@@ -145,41 +256,42 @@ def search(
         offset = part.column("query_index").to_numpy() if "query_index" in part.column_names else np.zeros(part.num_rows, np.int64)
         parts.append((offset + start, part.column("_rowid").to_numpy(), part.column("_distance").to_numpy()))
     query_index, row_ids, distance = (np.concatenate(columns) for columns in zip(*parts))
-    # group by query, nearest first
-    order = np.lexsort((distance, query_index))
+    order = np.lexsort((distance, query_index))  # group by query, nearest first
     query_index, row_ids, distance = query_index[order], row_ids[order], distance[order]
     counts = np.bincount(query_index, minlength=len(queries))
     if not (counts == k_eff).all():
         raise StoreError(f"search returned {counts.min()}..{counts.max()} neighbours per query, expected {k_eff}")
-    positions = np.searchsorted(references.row_ids, row_ids)
-    hits = Hits(
-        indices=positions.reshape(len(queries), k_eff),
+    return Hits(
+        indices=row_ids.astype(np.int64).reshape(len(queries), k_eff),
         similarities=(1.0 - distance).astype(np.float32).reshape(len(queries), k_eff),
         spots_version=references.spots_version,
     )
-    return hits, references
 
 
 #: similarity matrix entries computed at once (float32: 1 GiB), which sets the query chunk
 EXACT_CHUNK_ELEMENTS = 2**28
 
 
-def exact_topk(queries: np.ndarray, keys: np.ndarray, k: int, *, device: str = "cpu", chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def exact_topk(queries: np.ndarray, keys, k: int, *, device: str = "cpu", chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k by inner product (cosine for unit vectors) with chunked matrix products:
-    returns (indices, similarities), each n_query × k, nearest first. Queries go in chunks of
-    ``chunk`` (default: as many as keep one similarity block within ``EXACT_CHUNK_ELEMENTS``)."""
+    returns (indices, similarities), each n_query × k, nearest first. ``keys`` is an array or a
+    torch tensor already on ``device`` (then it is used in place: no copy per call). Queries go in
+    chunks of ``chunk`` (default: as many as keep one similarity block within
+    ``EXACT_CHUNK_ELEMENTS``)."""
     import torch
 
+    if not isinstance(keys, torch.Tensor):
+        keys = torch.from_numpy(np.require(keys, np.float32, ["C", "W"])).to(device)  # Arrow buffers are read-only
+    device = keys.device
     k = min(k, len(keys))
     if chunk is None:
         chunk = int(np.clip(EXACT_CHUNK_ELEMENTS // max(len(keys), 1), 1, 8192))
-    keys_t = torch.from_numpy(np.require(keys, np.float32, ["C", "W"])).to(device)  # Arrow buffers are read-only
     indices = np.empty((len(queries), k), np.int64)
     sims = np.empty((len(queries), k), np.float32)
     with torch.inference_mode():
         for start in range(0, len(queries), chunk):
             q = torch.from_numpy(np.ascontiguousarray(queries[start : start + chunk], np.float32)).to(device)
-            values, idx = torch.topk(q @ keys_t.T, k, dim=1)
+            values, idx = torch.topk(q @ keys.T, k, dim=1)
             indices[start : start + len(q)] = idx.cpu().numpy()
             sims[start : start + len(q)] = values.cpu().numpy()
     return indices, sims

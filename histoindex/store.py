@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +20,15 @@ import pyarrow as pa
 
 from .errors import StoreError, UnknownValue
 from .config import ModelConfig
-from .schemas import TABLES, conform, layout
+from .schemas import PRIMARY_KEY_METADATA, TABLES, conform, layout
 
 _INDEX_CONFIGS = {"bitmap": Bitmap, "btree": BTree, "label_list": LabelList}
 
 #: the models column holding the safetensors bytes: read for one model at a time, never when listing
 WEIGHTS = "weights"
+#: how long a write may take, retries after a concurrent commit included (LanceDB's default of
+#: 30 s after the first attempt is too short for a large reference on a busy machine)
+WRITE_TIMEOUT = timedelta(minutes=10)
 
 
 def sql_literal(value: str) -> str:
@@ -78,7 +81,10 @@ def _list_tables(db) -> list[str]:
 class Store:
     """A histoindex store at ``uri`` (a directory, ``file://`` URI, or any LanceDB URI).
 
-    Tables are created on first write with the layouts in ``schemas/`` and their scalar indexes.
+    Creating a store creates its three tables, empty, with the layouts in ``schemas/`` (version 1
+    of each), so every later write is exactly one new version with its rows. Scalar indexes on the
+    filter columns are built by ``histoindex index`` (:meth:`build_scalar_indexes`) with the vector
+    index, when a reference is large enough for them to matter.
     """
 
     def __init__(self, uri: str | Path, *, create: bool = False):
@@ -89,6 +95,10 @@ class Store:
                 raise StoreError(f"no histoindex store at {self.uri}; create one with `histoindex ingest` or `histoindex train`")
             db = self._connect(self.uri)  # LanceDB creates a local folder itself
         self.db = db
+        if create:
+            for name in TABLES:
+                if not self.has_table(name):
+                    self._create(name)
 
     @classmethod
     def exists(cls, uri: str | Path) -> bool:
@@ -143,12 +153,38 @@ class Store:
         return tbl
 
     def _create(self, name: str):
-        spec = layout(name)
-        tbl = self.db.create_table(name, schema=spec.schema, exist_ok=True)
+        return self.db.create_table(name, schema=layout(name).schema, exist_ok=True)
+
+    def build_scalar_indexes(self, name: str) -> int:
+        """Create the scalar indexes ``schemas/`` lists for table ``name`` that it lacks (one version
+        each); returns the table's version."""
+        tbl = self.table(name)
         existing = {tuple(i.columns) for i in tbl.list_indices()}
-        for column, kind in spec.scalar_indexes:
+        for column, kind in layout(name).scalar_indexes:
             if (column,) not in existing:
                 tbl.create_index(column, config=_INDEX_CONFIGS[kind]())
+        return tbl.version
+
+    def _writable(self, name: str):
+        """Table ``name`` for writing: a table written by a newer histoindex is refused; one written
+        by an older release gets its key columns marked as keys (Lance field metadata)."""
+        tbl = self.table(name, create=True)
+        meta = tbl.schema.metadata or {}
+        found = int(meta.get(b"histoindex.schema_version", b"0") or 0)
+        current = layout(name).schema_version
+        if found > current:
+            raise StoreError(
+                f"the {name} table at {self.uri} was written by a newer histoindex (schema version {found}, this "
+                f"release knows {current}); upgrade histoindex to write to it"
+            )
+        key = layout(name).key
+        unmarked = [c for c in key if not (tbl.schema.field(c).metadata or {}).get(b"lance-schema:unenforced-primary-key")]
+        if unmarked or found < current:
+            dataset = tbl.to_lance()
+            if unmarked:
+                dataset.update_field_metadata({c: dict(PRIMARY_KEY_METADATA) for c in key})
+            dataset.update_schema_metadata({"histoindex.schema_version": str(current)})
+            tbl.checkout_latest()
         return tbl
 
     # ---- models -------------------------------------------------------------------------
@@ -177,7 +213,8 @@ class Store:
             "metrics_json": json.dumps(metrics),
             WEIGHTS: weights_bytes(model, cfg),
         }
-        tbl = self._models_table(create=True)
+        self._models_table(create=True)
+        tbl = self._writable("models")
         data = conform("models", pa.Table.from_pylist([row], schema=layout("models").schema))
         result = tbl.merge_insert("model_id").when_matched_update_all().when_not_matched_insert_all().execute(data)
         return model_id, result.version
@@ -229,30 +266,55 @@ class Store:
         raise UnknownValue(f"no model {model_id!r}; models: {', '.join(r.model_id for r in records)}")
 
     # ---- spots --------------------------------------------------------------------------
-    def replace_dataset(self, rows: pa.Table, dataset: str) -> int:
-        """Write a dataset's spots in one commit, replacing any rows it had; returns the version.
+    def write_dataset(self, rows: pa.Table, *, model_id: str, dataset: str) -> int:
+        """Write one dataset's spots under one model in a single commit, replacing the rows that
+        (model, dataset) had; returns the version that holds them, tagged
+        ``ingest-<dataset>-v<version>``.
 
-        A new dataset is a plain append; a dataset already present is replaced by one
-        ``merge_insert`` (update matching spots, insert new ones, delete the ones it no longer has)."""
+        Always one ``merge_insert`` keyed on (model_id, dataset, spot_id): matching spots are
+        updated, new ones inserted, the (model, dataset) rows it no longer has deleted. The key
+        columns carry Lance's primary-key metadata, so two concurrent ingests of the same dataset
+        conflict at commit and the later one is re-run against the earlier one's rows (no
+        duplicates). When the table has a vector index, the new rows are folded into it (one more
+        version, the one returned and tagged)."""
         data = conform("spots", rows)
-        if set(data.column("dataset").unique().to_pylist()) != {dataset}:
-            raise StoreError(f"rows for dataset {dataset!r} carry other dataset names")
-        tbl = self.table("spots", create=True)
-        if tbl.count_rows(f"dataset = {sql_literal(dataset)}") == 0:
-            version = tbl.add(data).version
-        else:
+        for column, value in (("model_id", model_id), ("dataset", dataset)):
+            if set(data.column(column).unique().to_pylist()) != {value}:
+                raise StoreError(f"rows for {column} {value!r} carry other {column} values")
+        tbl = self._writable("spots")
+        scope = f"model_id = {sql_literal(model_id)} AND dataset = {sql_literal(dataset)}"
+        try:
             version = (
                 tbl.merge_insert(list(layout("spots").key))
                 .when_matched_update_all()
                 .when_not_matched_insert_all()
-                .when_not_matched_by_source_delete(f"dataset = {sql_literal(dataset)}")
-                .execute(data)
+                .when_not_matched_by_source_delete(scope)
+                .execute(data, timeout=WRITE_TIMEOUT)
             ).version
+        except Exception as exc:
+            if "concurrent" in str(exc).lower() or "conflict" in str(exc).lower():
+                raise StoreError(
+                    f"the store changed while writing {dataset} (another writer committed to spots at the same time) "
+                    f"and the write could not be re-applied within {WRITE_TIMEOUT}; nothing of it was written: retry"
+                ) from exc
+            raise
+        if has_vector_index(tbl):  # keep `query --search ann` on the index for every row
+            version = self.refresh_indexes()
         try:
             tbl.tags.create(_tag_safe(f"ingest-{dataset}-v{version}"), version)
         except Exception:  # a tag is a convenience; the version itself is the record
             pass
         return version
+
+    def spot_models(self, *, version: int | str | None = None) -> dict[str, list[str]]:
+        """Which models the spots (at ``version``) were embedded by: model id → its datasets."""
+        if not self.has_table("spots"):
+            return {}
+        arrow = self.table("spots", version=version).search().select(["model_id", "dataset"]).limit(None).to_arrow()
+        out: dict[str, set[str]] = {}
+        for model, dataset in zip(arrow.column("model_id").to_pylist(), arrow.column("dataset").to_pylist()):
+            out.setdefault(model, set()).add(dataset)
+        return {model: sorted(datasets) for model, datasets in sorted(out.items())}
 
     def has_vector_index(self) -> bool:
         return self.has_table("spots") and has_vector_index(self.table("spots"))
@@ -278,7 +340,7 @@ class Store:
     def add_predictions(self, rows: pa.Table | Iterable[pa.RecordBatch]) -> int:
         """Append prediction rows in one commit; ``rows`` may be a stream of record batches, which
         LanceDB writes as they come (nothing is committed if the stream fails)."""
-        tbl = self.table("predictions", create=True)
+        tbl = self._writable("predictions")
         if isinstance(rows, pa.Table):
             return tbl.add(conform("predictions", rows)).version
         target = layout("predictions").schema
@@ -319,10 +381,18 @@ class Store:
             arrow = self.table("spots").search().select(["dataset", "tissue", "platform", "species", "model_id"]).limit(None).to_arrow()
             import polars as pl
 
-            frame = pl.from_arrow(arrow).group_by(["dataset", "tissue", "platform", "species", "model_id"]).len("spots")
-            datasets = frame.sort("dataset").to_dicts()
+            frame = pl.from_arrow(arrow).group_by(["model_id", "dataset", "tissue", "platform", "species"]).len("spots")
+            datasets = frame.sort(["model_id", "dataset"]).to_dicts()
         models = [
-            {"model_id": m.model_id, "backbone": m.cfg.backbone, "genes": len(m.cfg.genes), "trained_on": list(m.train_datasets), "created_at": m.created_at}
+            {
+                "model_id": m.model_id,
+                "method": m.cfg.method,
+                "backbone": m.cfg.backbone,
+                "genes": len(m.cfg.genes),
+                "trained_on": list(m.train_datasets),
+                "created_at": m.created_at,
+                "datasets": [{k: v for k, v in d.items() if k != "model_id"} for d in datasets if d["model_id"] == m.model_id],
+            }
             for m in self.models()
         ]
         return {"uri": self.uri, "tables": tables, "datasets": datasets, "models": models}

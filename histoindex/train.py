@@ -108,7 +108,7 @@ def _fit(step, modules, optimizer, n: int, cfg, generator, progress) -> list[flo
     return history
 
 
-def _train_heads(model, patches, expression_all, cfg, generator, device, progress, features=None) -> list[float]:
+def _train_heads(model, patches, expression_all, cfg, generator, device, progress, features=None, precision="fp32") -> list[float]:
     """Frozen backbone: its features are computed once for all 8 dihedral views of every patch
     (or given); each step sees one random view per spot (augmentation at the cost of a lookup)."""
     from .embed import backbone_features, batched
@@ -117,7 +117,7 @@ def _train_heads(model, patches, expression_all, cfg, generator, device, progres
     for p in model.image_encoder.parameters():
         p.requires_grad_(False)
     if features is None:
-        features = backbone_features(model, batched(patches, 64), device=device, views=8)
+        features = backbone_features(model, batched(patches, 64), device=device, views=8, precision=precision)
     features = torch.from_numpy(features)
     heads = [p for n, p in model.named_parameters() if not n.startswith("image_encoder.")]
     optimizer = torch.optim.AdamW(heads, lr=cfg.head_lr, weight_decay=cfg.weight_decay)
@@ -162,6 +162,7 @@ def train_model(
     device: torch.device | str = "cpu",
     progress: Callable[[int, int, float], None] | None = None,
     features: np.ndarray | None = None,
+    precision: str = "fp32",
 ) -> TrainingResult:
     """Train ``cfg`` on the references' spots (patches of ``cfg.patch_um`` µm around each spot,
     expression over ``cfg.genes``). Deterministic for a given ``cfg.seed`` on one device.
@@ -169,6 +170,8 @@ def train_model(
     ``progress(epoch, epochs, loss)`` is called after each epoch. ``features`` (n_spots, 8,
     n_features): precomputed frozen-backbone features of the 8 dihedral views of every spot, in
     reference order (only with ``cfg.freeze_backbone``; saves recomputing them across runs).
+    ``precision``: of the frozen backbone's features (``bf16`` where queries embed in bf16, so that
+    the heads learn on the features they will be given).
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) this joins the process group (see
     :func:`histoindex.distributed.init_from_env`) and trains data-parallel: each process embeds
@@ -204,7 +207,7 @@ def train_model(
             progress = None
     expression_all = torch.from_numpy(expression)
     if cfg.freeze_backbone:
-        history = _train_heads(model, patches, expression_all, cfg, generator, device, progress, features)
+        history = _train_heads(model, patches, expression_all, cfg, generator, device, progress, features, precision)
     else:
         history = _train_end_to_end(model, torch.from_numpy(patches), expression_all, cfg, generator, device, progress)
     if world > 1:
@@ -218,6 +221,7 @@ def train_model(
         "patch_read_seconds": round(read_seconds, 2),
         "train_seconds": round(time.perf_counter() - started - read_seconds, 2),
         "device": str(device),
+        "feature_precision": precision if cfg.freeze_backbone else "fp32",
     }
     if world > 1:
         metrics["world_size"] = world

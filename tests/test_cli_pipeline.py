@@ -48,8 +48,11 @@ def test_ingest_writes_every_spot_with_both_embeddings(trained_store, sections):
     assert image.shape == expr.shape == (n_spots, 256)
     np.testing.assert_allclose(np.linalg.norm(image, axis=1), 1.0, atol=1e-4)
     assert len(rows.column("expression")[0]) == 48
-    indexed = {tuple(i.columns) for i in store.table("spots").list_indices()}
-    assert {("tissue",), ("platform",), ("species",), ("dataset",)} <= indexed
+    # the store was created empty (version 1) and the ingest is the one version after it, tagged
+    versions = store.versions()["spots"]
+    assert [(v["version"], v["rows"]) for v in versions] == [(1, 0), (2, n_spots)]
+    assert versions[1]["tags"] == ["ingest-train-v2"]
+    assert store.table("spots").list_indices() == [], "scalar indexes come with `histoindex index`"
 
 
 def test_query_at_heldout_spots_beats_a_constant_predictor(store, sections, tmp_path):

@@ -9,7 +9,7 @@ from histoindex.embed import embed_images
 from histoindex.models import load_model
 from histoindex.patch import spot_patches
 from histoindex import api
-from histoindex.search import build_filter, search
+from histoindex.search import References, Scope, search
 from histoindex.store import Store
 
 from .conftest import run
@@ -23,18 +23,18 @@ def test_other_tissue_never_in_neighbours(store, sections):
     patches = spot_patches(heldout, patch_um=model.cfg.patch_um, patch_px=model.cfg.patch_px)[:60]
     queries = embed_images(load_model(model.cfg, model.weights()), [patches], device="cpu")
     for tissue in ("breast", "lung"):
-        where = build_filter(model_id=model.model_id, tissue=tissue)
-        hits, refs = search(st, queries, where=where, k=50)
-        rows = st.table("spots").search().where(where).select(["tissue"]).with_row_id(True).limit(None).to_arrow()
+        refs = References(st, Scope(model_id=model.model_id, tissue=tissue))
+        where = refs.where
+        hits = search(refs, queries, k=50)
+        rows = st.table("spots").search().select(["tissue"]).with_row_id(True).limit(None).to_arrow()
         tissue_of = dict(zip(rows.column("_rowid").to_pylist(), rows.column("tissue").to_pylist()))
-        neighbour_rows = refs.row_ids[hits.indices.ravel()]
-        assert {tissue_of[r] for r in neighbour_rows} == {tissue}
+        assert {tissue_of[r] for r in hits.indices.ravel()} == {tissue}
         # exact top-k: same neighbours as brute force over the filtered rows
         all_rows = st.table("spots").search().where(where).select(["expression_embedding"]).with_row_id(True).limit(None).to_arrow()
         keys = np.stack(all_rows.column("expression_embedding").to_numpy(zero_copy_only=False))
         best = np.argsort(-(queries @ keys.T), axis=1)[:, :50]
         brute = np.asarray(all_rows.column("_rowid").to_pylist())[best]
-        found = refs.row_ids[hits.indices]
+        found = hits.indices
         overlap = np.mean([len(set(a) & set(b)) / 50 for a, b in zip(found, brute)])
         assert overlap > 0.99
 

@@ -4,6 +4,7 @@ micrometres per pixel, and an RGB region at a requested output size."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Protocol
 
@@ -12,7 +13,18 @@ from PIL import Image
 
 from ..errors import InputError
 
-Image.MAX_IMAGE_PIXELS = None  # H&E JPEGs are routinely larger than Pillow's bomb guard
+
+
+@contextlib.contextmanager
+def _large_images_allowed():
+    """H&E JPEGs are routinely larger than Pillow's decompression-bomb guard: lift it while a slide
+    is read, not for the whole process."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 WSI_SUFFIXES = {".svs", ".ndpi", ".tif", ".tiff", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide"}
 PLAIN_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
@@ -160,7 +172,7 @@ def open_slide(path: str | Path, *, mpp: float | None = None) -> Slide:
         return WholeSlide(path, mpp=mpp)
     if suffix in PLAIN_SUFFIXES:
         try:
-            with Image.open(path) as img:
+            with _large_images_allowed(), Image.open(path) as img:
                 array = np.asarray(img.convert("RGB"))
         except Exception as exc:
             raise InputError(f"cannot read image {path}: {exc}") from exc

@@ -25,7 +25,7 @@ class Bleep(nn.Module):
     def image_features(self, images: torch.Tensor, views: int = 1) -> torch.Tensor:
         """uint8 NHWC patches → pooled backbone features, averaged over the first ``views``
         dihedral views (rotations/flips: deterministic test-time averaging)."""
-        feats = [self.image_encoder(self.normalize(dihedral(images, v))) for v in range(views)]
+        feats = [self.image_encoder(self.normalize(dihedral(images, v))).float() for v in range(views)]
         return torch.stack(feats).mean(0) if views > 1 else feats[0]
 
     def encode_image(self, images: torch.Tensor, views: int = 1) -> torch.Tensor:
