@@ -39,12 +39,19 @@ class ModelConfig:
     weight_decay: float = 1e-3
     freeze_backbone: bool = False  # train the projection heads only, on cached backbone features
     views: int = 1  # dihedral views averaged when embedding an image (1 = none, up to 8)
+    # hyper-parameters of the method's own (e.g. stgchb's StgchbParams); JSON values only.
+    # Not hashed (a dict cannot be); omitted from to_json when empty, so configs of methods
+    # without any serialise, and their model ids hash, as they did before the field existed.
+    method_params: dict = field(default_factory=dict, hash=False)
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        values = dataclasses.asdict(self)
+        if not values["method_params"]:
+            del values["method_params"]
+        return json.dumps(values, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> ModelConfig:
@@ -54,4 +61,6 @@ class ModelConfig:
         for key in ("mean", "std", "genes"):
             if key in values:
                 values[key] = tuple(values[key])
+        if values.get("method_params") is None:
+            values.pop("method_params", None)
         return cls(**values)
