@@ -26,9 +26,15 @@ import numpy as np
 MPP = 0.5
 N_GENES = 256
 N_REFERENCES = 50_000
-#: model name → (backbone, weights, patch µm, patch px): "main" reads 224 px at level 0 (112 µm);
-#: "many" has small tiles (40 µm → 64 px) so the 41k-px slide has > 100k of them on tissue.
-MODELS = {"main": ("tf_efficientnet_lite0", "lite0-imagenet", 112.0, 224), "many": ("resnet10t", "", 40.0, 64)}
+#: model name → (method, backbone, weights, patch µm, patch px): "main" reads 224 px at level 0
+#: (112 µm); "graph" is the same backbone and tiles under ST-GCHB (each tile's embedding from its
+#: kNN neighbourhood, streamed in blocks); "many" has small tiles (40 µm → 64 px) so the 41k-px
+#: slide has > 100k of them on tissue.
+MODELS = {
+    "main": ("bleep", "tf_efficientnet_lite0", "lite0-imagenet", 112.0, 224),
+    "graph": ("stgchb", "tf_efficientnet_lite0", "lite0-imagenet", 112.0, 224),
+    "many": ("bleep", "resnet10t", "", 40.0, 64),
+}
 
 
 def write_slide(path: Path, side: int, *, texture_px: int = 4096, tile: int = 256) -> Path:
@@ -73,6 +79,7 @@ def build_store(db: Path) -> dict[str, str]:
     """Register one model per MODELS entry (random heads: speed does not depend on training) and
     ingest 50k synthetic reference spots for each."""
     from histoindex.config import ModelConfig
+    from histoindex.methods import get_method
     from histoindex.models import backbone_input_stats, create_model, get_pretrained
     from histoindex.store import Store, spot_rows
 
@@ -80,9 +87,10 @@ def build_store(db: Path) -> dict[str, str]:
     rng = np.random.default_rng(0)
     genes = tuple(f"GENE{i}" for i in range(N_GENES))
     ids = {}
-    for name, (backbone, weights, patch_um, patch_px) in MODELS.items():
+    for name, (method, backbone, weights, patch_um, patch_px) in MODELS.items():
         mean, std = (get_pretrained(weights).mean, get_pretrained(weights).std) if weights else backbone_input_stats(backbone)
-        cfg = ModelConfig(backbone=backbone, weights=weights, patch_um=patch_um, patch_px=patch_px, mean=mean, std=std, genes=genes, views=1)
+        params = get_method(method).default_params()
+        cfg = ModelConfig(method=method, method_params=params, backbone=backbone, weights=weights, patch_um=patch_um, patch_px=patch_px, mean=mean, std=std, genes=genes, views=1)
         model = create_model(cfg, weights=weights or None)
         ids[name], _ = store.add_model(model, cfg, metrics={}, train_datasets=[f"bench-{name}"])
         emb = rng.normal(size=(N_REFERENCES, 256)).astype(np.float32)
@@ -177,7 +185,10 @@ def main() -> None:
         slides[label] = path
     db = work / "db"
     ids_file = work / "model_ids.json"
-    if not ids_file.exists():
+    if not ids_file.exists() or set(json.loads(ids_file.read_text())) != set(MODELS):
+        import shutil
+
+        shutil.rmtree(db, ignore_errors=True)
         ids_file.write_text(json.dumps(build_store(db)))
     ids = json.loads(ids_file.read_text())
     if args.prepare_only:
@@ -194,15 +205,17 @@ def main() -> None:
     if args.only in (None, "main"):
         runs += [("main", "embed-only (in-memory tiles)", ["--model-id", ids["main"], "--embed-only", str(args.embed_tiles)])]
         runs += [("main", f"end-to-end, {label} slide", ["--model-id", ids["main"], "--slide", str(slides[label])]) for label in ("base", "4x")]
+    if args.only in (None, "graph"):
+        runs += [("graph", f"end-to-end, {label} slide", ["--model-id", ids["graph"], "--slide", str(slides[label])]) for label in ("base", "4x")]
     if args.only in (None, "many"):
         runs += [("many", "embed-only (in-memory tiles)", ["--model-id", ids["many"], "--embed-only", str(4 * args.embed_tiles)])]
         runs += [("many", "end-to-end, 4x slide", ["--model-id", ids["many"], "--slide", str(slides["4x"])])]
     print("\n| model | run | tiles | total s | tiles/s (total) | streaming s | tiles/s (streaming) | peak RSS (GB) |\n|---|---|---|---|---|---|---|---|")
     for name, label, extra in runs:
         r = child(*extra)
-        backbone, _, patch_um, patch_px = MODELS[name]
+        method, backbone, _, patch_um, patch_px = MODELS[name]
         stream = f"{r['stream_seconds']:.1f} | {r['tiles'] / r['stream_seconds']:,.1f}" if "stream_seconds" in r else "– | –"
-        print(f"| {backbone} {patch_um:g} µm/{patch_px} px | {label} | {r['tiles']:,} | {r['seconds']:.1f} | {r['tiles_per_s']:,.1f} | {stream} | {r['peak_rss_gb']:.2f} |", flush=True)
+        print(f"| {method}, {backbone} {patch_um:g} µm/{patch_px} px | {label} | {r['tiles']:,} | {r['seconds']:.1f} | {r['tiles_per_s']:,.1f} | {stream} | {r['peak_rss_gb']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

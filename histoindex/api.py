@@ -14,24 +14,22 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from .config import ModelConfig
 from .data import SPOT_DIAMETER_UM, PatchGrid, SpotSet
 from .errors import InputError, StoreError
-from .genes import check_genes, highly_variable_genes, read_gene_list
-from .io.h5ad import read_h5ad
-from .io.spaceranger import read_spaceranger
-from .io.st import read_st
+from .io.readers import read_reference
 from .io.slides import open_slide
 from .io.tables import read_positions
 from .io.write import PredictionWriter, check_output_path
+from .patch import stream_spot_patches, tile_grid
 from .plot import check_gene_names, picture_path, plot_predictions  # matplotlib loads only when drawing
-from .config import ModelConfig
-from .patch import stream_patches, stream_spot_patches, tile_grid
+from .recipe import DEFAULT_WEIGHTS, TrainOptions, model_config
 
 # torch and timm (seconds to import) load only inside the commands that run a model, so `sql`,
 # `versions` and `info` start fast.
-from .search import References, Scope, check_filter_values, search
+from .search import References, Scope, check_filter_values
 from .sql import run_sql
-from .store import Store, spot_rows
+from .store import Store, prediction_rows, spot_rows
 
 Log = Callable[[str], None]
 #: ``progress(step, done, total)``: called as a long step advances (the CLI draws rich progress bars)
@@ -42,122 +40,7 @@ def _quiet(_: str) -> None:
     pass
 
 
-# ---- references ---------------------------------------------------------------------------
-def read_reference(
-    path: str | Path,
-    *,
-    image: str | Path | None = None,
-    platform: str = "visium",
-    name: str | None = None,
-    mpp: float | None = None,
-    spot_table: str | Path | None = None,
-    log_normalised: bool = False,
-) -> SpotSet:
-    """Read a reference dataset, by what ``path`` is.
-
-    * a folder: a Space Ranger ``outs/`` folder (:func:`~histoindex.io.read_spaceranger`);
-    * ``.tsv``/``.csv`` (optionally ``.gz``): legacy ST counts, spots × genes
-      (:func:`~histoindex.io.read_st`), which needs ``spot_table`` and ``image``;
-    * ``.h5ad``: AnnData in the scanpy/squidpy Visium layout (:func:`~histoindex.io.read_h5ad`).
-    """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix == ".gz":
-        suffix = Path(path.stem).suffix.lower() + suffix
-    if not path.exists():
-        raise InputError(f"reference file not found: {path}")
-    if path.is_dir():
-        reader = read_spaceranger
-    elif suffix in {".tsv", ".tsv.gz", ".csv", ".csv.gz"}:
-        missing = [option for option, value in (("--spot-table", spot_table), ("--image", image)) if value is None]
-        if missing:
-            raise InputError(
-                f"{path} is read as legacy ST counts (spots × genes), which need {' and '.join(missing)}: "
-                "the spot table (x, y, pixel_x, pixel_y) and the full-resolution H&E"
-            )
-        return read_st(path, spots=spot_table, image=image, name=name, mpp=mpp)
-    elif suffix == ".h5ad":
-        reader = read_h5ad
-    else:
-        raise InputError(
-            f"unsupported reference {path}: expected an .h5ad file (scanpy/squidpy Visium layout), a Space Ranger outs/ "
-            "folder, or legacy ST counts (.tsv/.csv, optionally .gz) with --spot-table and --image"
-        )
-    if spot_table is not None:
-        raise InputError(f"--spot-table applies to legacy ST counts (.tsv/.csv), not to {path}")
-    if reader is read_h5ad:
-        return read_h5ad(path, image=image, platform=platform, name=name, mpp=mpp, log_normalised=log_normalised)
-    return reader(path, image=image, platform=platform, name=name, mpp=mpp)
-
-
-DEFAULT_WEIGHTS = "lite0-imagenet"
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    """How to train when a model is needed (``train``, ``evaluate``, or ``ingest`` into a store
-    with none). The defaults are the recipe that scored best in held-out evaluation on HER2ST
-    (BENCHMARKS.md): ImageNet EfficientNet-Lite0 (offline), frozen, 224 µm patches at 224 px,
-    projection heads trained for 60 epochs, 8 dihedral views averaged per patch."""
-
-    backbone: str | None = None  # None: ModelConfig.backbone, or the backbone registered --weights fit
-    weights: str | None = None  # None: lite0-imagenet unless a backbone is chosen; "": random init
-    genes_file: str | None = None
-    n_genes: int = 256
-    patch_um: float = 224.0
-    patch_px: int = 224
-    epochs: int = 60
-    batch_size: int = 128
-    lr: float = ModelConfig.lr
-    head_lr: float = ModelConfig.head_lr
-    seed: int = 0
-    freeze_backbone: bool = True
-    views: int = 8
-
-
-def _model_config(references: Sequence[SpotSet], options: TrainOptions) -> ModelConfig:
-    from .models import backbone_input_stats, get_pretrained, is_pretrained
-
-    backbone = options.backbone
-    weights = options.weights
-    if weights is None:  # the default recipe's weights, unless the user picked another backbone
-        weights = DEFAULT_WEIGHTS if backbone is None else ""
-    if weights and is_pretrained(weights):
-        # registered weights fix the backbone and the input normalisation
-        source = get_pretrained(weights)
-        if backbone is None:
-            backbone = source.backbone
-        elif backbone != source.backbone:
-            raise InputError(
-                f"--weights {source.name} fits backbone {source.backbone}, not {backbone}; "
-                f"leave --backbone out or pass --backbone {source.backbone}"
-            )
-        mean, std = source.mean, source.std
-    else:
-        backbone = backbone or ModelConfig.backbone
-        mean, std = backbone_input_stats(backbone)
-    if options.genes_file:
-        genes = check_genes(references, read_gene_list(options.genes_file))
-    else:
-        genes = highly_variable_genes(references, options.n_genes)
-    return ModelConfig(
-        backbone=backbone,
-        weights=weights,
-        patch_um=options.patch_um,
-        patch_px=options.patch_px,
-        mean=mean,
-        std=std,
-        genes=tuple(genes),
-        seed=options.seed,
-        epochs=options.epochs,
-        batch_size=options.batch_size,
-        lr=options.lr,
-        head_lr=options.head_lr,
-        freeze_backbone=options.freeze_backbone,
-        views=options.views,
-    )
-
-
+# ---- training -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TrainResult:
     model_id: str
@@ -169,13 +52,14 @@ def train(
     references: Sequence[SpotSet],
     *,
     db: str | Path,
-    options: TrainOptions = TrainOptions(),
+    options: TrainOptions | None = None,
     device: str | None = None,
     precision: str = "auto",
     progress: Progress | None = None,
     log: Log = _quiet,
 ) -> TrainResult:
-    """Train a BLEEP model on ``references`` and register it (weights + config) in the store.
+    """Train a model (``options.method``: bleep or stgchb) on ``references`` and register it
+    (weights + config) in the store.
 
     Data-parallel over N processes (GPUs, or CPU workers) with
     ``torchrun --nproc-per-node N -m histoindex.cli train ...``: the process group is set up from
@@ -188,9 +72,9 @@ def train(
     if len(set(names)) != len(names):
         raise InputError(f"reference names repeat: {', '.join(names)}; give each a distinct --dataset name")
     from .embed import resolve_device, resolve_precision
-    from .train import train_model
+    from .recipe import train_model
 
-    cfg = _model_config(references, options)
+    cfg = model_config(references, options or TrainOptions())
     torch_device = resolve_device(device)
     precision = resolve_precision(precision, torch_device)
 
@@ -200,7 +84,12 @@ def train(
         if progress is None or epoch == epochs:
             log(f"  epoch {epoch}/{epochs}  loss {loss:.4f}")
 
-    log(f"training {cfg.method} ({cfg.backbone}, {len(cfg.genes)} genes, {sum(r.n_obs for r in references)} spots) on {torch_device}")
+    def features_done(done: int, total: int) -> None:
+        if progress is not None:
+            progress("backbone features", done, total)
+
+    frozen = f"frozen, features of 8 views per spot ({precision})" if cfg.freeze_backbone else "fine-tuned"
+    log(f"training {cfg.method} ({cfg.backbone} {frozen}, {len(cfg.genes)} genes, {sum(r.n_obs for r in references)} spots) on {torch_device}")
     result = train_model(
         references,
         cfg,
@@ -208,6 +97,7 @@ def train(
         device=torch_device,
         progress=epoch_done,
         precision=precision,
+        feature_progress=features_done,
     )
     from .distributed import launch_rank
 
@@ -239,7 +129,7 @@ def ingest(
     platform: str,
     species: str = "human",
     model_id: str | None = None,
-    train_options: TrainOptions = TrainOptions(),
+    train_options: TrainOptions | None = None,
     device: str | None = None,
     batch_size: int = 64,
     precision: str = "auto",
@@ -248,15 +138,18 @@ def ingest(
 ) -> IngestResult:
     """Embed every spot of ``reference`` and write them to ``spots`` in one commit (one new table
     version), replacing the dataset's earlier rows. Trains a model first if the store has none."""
-    from .embed import embed_expression, iter_image_embeddings, resolve_device, resolve_precision
+    from .embed import iter_image_features, resolve_device, resolve_precision
+    from .methods import get_method
     from .models import load_model
+    from .pipeline import counted
+    from .train import TrainSection
 
     for label, value in (("tissue", tissue), ("platform", platform), ("species", species)):
         if not value or not value.strip():
             raise InputError(f"--{label} must not be empty")
     store = Store(db) if Store.exists(db) else None
     trained = False
-    model_id = ingest_model(store, model_id, log=log)
+    model_id = store.ingest_model(model_id, log=log) if store is not None else _no_store_model(model_id)
     if model_id is None:
         result = train([reference], db=db, options=train_options, device=device, precision=precision, progress=progress, log=log)
         model_id, trained = result.model_id, True
@@ -273,9 +166,9 @@ def ingest(
     log(f"embedding {reference.n_obs} spots of {reference.name} with {record.model_id} on {torch_device}")
     precision = resolve_precision(precision, torch_device)
     patches = stream_spot_patches(reference, patch_um=cfg.patch_um, patch_px=cfg.patch_px, batch_size=batch_size, workers=default_read_workers())
-    embedded = iter_image_embeddings(model, patches, device=torch_device, precision=precision)
-    image_emb = np.concatenate(list(_counted(embedded, "spots", reference.n_obs, progress)))
-    expr_emb = embed_expression(model, expression, device=torch_device)
+    features = np.concatenate(list(counted(iter_image_features(model, patches, device=torch_device, precision=precision), "spots", reference.n_obs, progress)))
+    section = TrainSection(name=reference.name, expression=expression, xy_um=reference.xy * reference.mpp, features=features)
+    image_emb, expr_emb = get_method(cfg.method).embed_references(model, section, device=torch_device)
     rows = spot_rows(
         spot_ids=reference.obs_names,
         dataset=reference.name,
@@ -295,30 +188,10 @@ def ingest(
     return IngestResult(dataset=reference.name, n_spots=reference.n_obs, spots_version=version, model_id=record.model_id, trained=trained)
 
 
-def ingest_model(store: Store | None, model_id: str | None, *, log: Log = _quiet) -> str | None:
-    """The model an ingest embeds with: ``model_id`` if given; else the one model the store's
-    spots already use (never silently a newer one: spots of two models are two embedding spaces,
-    and a query searches one); else, with no spots yet, the newest model; None when the store has
-    no model (the ingest trains one)."""
-    if store is None:
-        if model_id is not None:
-            raise StoreError(f"--model {model_id}: there is no store yet, so no model to embed with")
-        return None
-    models = store.models()
+def _no_store_model(model_id: str | None) -> None:
     if model_id is not None:
-        store.model(model_id)  # an unknown id is an error that lists the known ones
-        return model_id
-    in_use = store.spot_models()
-    if len(in_use) > 1:
-        listed = "; ".join(f"{m} ({', '.join(d)})" for m, d in in_use.items())
-        raise StoreError(f"the store's spots were embedded by {len(in_use)} models: {listed}; pass --model to choose one")
-    if in_use:
-        (chosen,) = in_use
-        newest = models[-1].model_id if models else chosen
-        if newest != chosen:
-            log(f"embedding with {chosen}, the model the store's spots use; the newer model {newest} has none (pass --model {newest} to ingest under it)")
-        return chosen
-    return models[-1].model_id if models else None
+        raise StoreError(f"--model {model_id}: there is no store yet, so no model to embed with")
+    return None
 
 
 # ---- query --------------------------------------------------------------------------------
@@ -339,25 +212,6 @@ class QueryResult:
     seconds: float = 0.0  # the whole call
     stream_seconds: float = 0.0  # reading, embedding, searching and writing the tiles
     plots: tuple[Path, ...] = ()
-
-
-def _query_model(store: Store, version: int | None, model_id: str | None):
-    """The model a query searches: ``model_id`` (which must have spots at ``version``), else the one
-    model the spots at ``version`` were embedded by; several is an error naming them."""
-    in_use = store.spot_models(version=version)
-    at = f"spots@{version if version is not None else 'latest'}"
-    if model_id is not None:
-        record = store.model(model_id)
-        if model_id not in in_use:
-            raise StoreError(f"{at} holds no spots embedded by model {model_id}; models with spots: {', '.join(in_use) or 'none'}")
-        return record
-    if not in_use:
-        raise StoreError(f"{at} holds no spots of any registered model; ingest a reference first")
-    if len(in_use) > 1:
-        listed = "; ".join(f"{m} ({', '.join(d)})" for m, d in in_use.items())
-        raise StoreError(f"{at} holds spots of {len(in_use)} models (separate embedding spaces): {listed}; pass --model")
-    (only,) = in_use
-    return store.model(only)
 
 
 def default_read_workers() -> int:
@@ -398,9 +252,9 @@ def query(
     searched, imputed and written, so memory stays flat however large the slide. ``out`` and the
     ``predictions`` table (one new version) appear only when the whole slide is done; with
     ``keep_predictions=False`` the result carries no prediction matrix."""
-    from .embed import iter_image_embeddings, resolve_device, resolve_precision
-    from .impute import impute
+    from .embed import resolve_device, resolve_precision
     from .models import load_model
+    from .pipeline import predict
 
     started = time.perf_counter()
     if out is not None:
@@ -413,7 +267,7 @@ def query(
     version = int(as_of) if as_of is not None and str(as_of).isdigit() else as_of
     spots_tbl = store.table("spots", version=version)
     version = spots_tbl.version
-    record = _query_model(store, version, model_id)
+    record = store.query_model(version=version, model_id=model_id)
     cfg = record.cfg
     if plot:  # checked now, not after minutes of embedding
         if out is None:
@@ -454,6 +308,7 @@ def query(
         "slide": slide_name,
         "slide_path": str(Path(slide_path).resolve()),
         "model_id": record.model_id,
+        "method": cfg.method,
         "spots_version": references.spots_version,
         "filter": predicate,
         "k": k_eff,
@@ -465,33 +320,27 @@ def query(
         "created_at": created_at.isoformat(),
     }
     writer = PredictionWriter(out, id_column=id_column, slide=slide_name, mpp=grid.mpp, genes=list(cfg.genes), provenance=provenance) if out is not None else None
-    patches = stream_patches(
-        lambda: open_slide(slide_path, mpp=grid.mpp),
-        grid.xy,
-        side_px=cfg.patch_um / grid.mpp,
-        out_px=cfg.patch_px,
-        batch_size=batch_size,
-        workers=default_read_workers() if workers is None else workers,
+    chunks = predict(
+        lambda: open_slide(slide_path, mpp=grid.mpp), grid, model, references, k=k, device=torch_device, precision=precision,
+        batch_size=batch_size, workers=default_read_workers() if workers is None else workers, progress=progress,
     )
-    embedded = iter_image_embeddings(model, patches, device=torch_device, precision=precision)
-    embeddings = _rechunk(_counted(embedded, "tiles", n, progress), SEARCH_CHUNK)
     kept: list[np.ndarray] = []
     failure: list[BaseException] = []
     stream_started = time.perf_counter()
 
     def prediction_batches():
-        done = 0
         try:
-            for queries in embeddings:
-                hits = search(references, queries, k=k)
-                values = impute(hits, references)
-                rows = slice(done, done + len(values))
+            for chunk in chunks:
+                ids, xy = grid.ids[chunk.rows], grid.xy[chunk.rows]
                 if writer is not None:
-                    writer.write(grid.ids[rows], grid.xy[rows], values)
+                    writer.write(ids, xy, chunk.values)
                 if keep_predictions:
-                    kept.append(values)
-                yield from _prediction_rows(run_id, slide_name, grid, rows, values, record.model_id, references.spots_version, predicate, k_eff, created_at).to_batches()
-                done += len(values)
+                    kept.append(chunk.values)
+                rows = prediction_rows(
+                    run_id=run_id, slide=slide_name, ids=ids, xy=xy, mpp=grid.mpp, values=chunk.values, model_id=record.model_id,
+                    spots_version=references.spots_version, predicate=predicate, k=k_eff, created_at=created_at,
+                )
+                yield from rows.to_batches()
         except BaseException as exc:  # surfaces as an Arrow error inside LanceDB; re-raised below as itself
             failure.append(exc)
             raise
@@ -532,58 +381,6 @@ def query(
     )
 
 
-#: tiles searched, imputed and written together
-SEARCH_CHUNK = 2048
-
-
-def _counted(batches, step: str, total: int, progress: Progress | None):
-    """Pass batches through, reporting ``progress(step, rows so far, total)`` from the start."""
-    if progress is None:
-        yield from batches
-        return
-    done = 0
-    progress(step, 0, total)
-    for batch in batches:
-        done += len(batch)
-        progress(step, done, total)
-        yield batch
-
-
-def _rechunk(batches, size: int):
-    """Regroup row batches into chunks of ``size`` rows (the last may be smaller)."""
-    pending, count = [], 0
-    for batch in batches:
-        pending.append(batch)
-        count += len(batch)
-        if count >= size:
-            yield np.concatenate(pending)
-            pending, count = [], 0
-    if pending:
-        yield np.concatenate(pending)
-
-
-def _prediction_rows(run_id, slide_name, grid: PatchGrid, rows: slice, values: np.ndarray, model_id, spots_version, predicate, k, created_at) -> pa.Table:
-    n, n_genes = values.shape
-    xy = grid.xy[rows]
-    return pa.table(
-        {
-            "run_id": [run_id] * n,
-            "slide": [slide_name] * n,
-            "tile_id": grid.ids[rows].astype(str),
-            "x": xy[:, 0],
-            "y": xy[:, 1],
-            "x_um": xy[:, 0] * grid.mpp,
-            "y_um": xy[:, 1] * grid.mpp,
-            "model_id": [model_id] * n,
-            "spots_version": np.full(n, spots_version, np.int64),
-            "filter": [predicate] * n,
-            "k": np.full(n, k, np.int32),
-            "created_at": pa.array([created_at] * n, pa.timestamp("us", tz="UTC")),
-            "expression": pa.ListArray.from_arrays(pa.array(np.arange(0, (n + 1) * n_genes, n_genes, dtype=np.int32)), pa.array(values.ravel())),
-        }
-    )
-
-
 # ---- pictures -----------------------------------------------------------------------------
 def plot(
     predictions: str | Path,
@@ -605,12 +402,13 @@ def evaluate(
     references: Sequence[SpotSet],
     *,
     holdouts: Sequence[str] | None = None,
-    options: TrainOptions = TrainOptions(),
+    options: TrainOptions | None = None,
     markers: Sequence[str] | None = None,
     k: int = 50,
     baselines: bool = True,
     out: str | Path | None = None,
     device: str | None = None,
+    cache: str | Path | None = None,
     log: Log = _quiet,
 ):
     """Leave-one-section-out evaluation of ``options`` against baselines; see :mod:`histoindex.evaluate`.
@@ -621,7 +419,7 @@ def evaluate(
         out = check_output_path(out, (".parquet",))
     result = run_evaluation(
         references, holdouts=holdouts, options=options, markers=markers or BREAST_MARKERS, k=k,
-        baselines=baselines, device=device, log=log,
+        baselines=baselines, device=device, cache=cache, log=log,
     )
     if out is not None:
         import pyarrow.parquet as pq
@@ -639,32 +437,7 @@ def create_index(*, db: str | Path, index_type: str = "IVF_PQ", num_partitions: 
     ``query --search ann`` (and ``auto`` above the exact-search size), build the scalar (bitmap)
     indexes on the filter columns if missing, and bring them up to date with rows ingested since.
     Returns the new spots version."""
-    from .store import Store as _Store
-
-    store = _Store(db)
-    tbl = store.table("spots")
-    n = tbl.count_rows()
-    if n == 0:
-        raise StoreError("the spots table is empty: ingest a reference first")
-    from lancedb.index import HnswSq, IvfFlat, IvfPq
-
-    kinds = {"IVF_PQ": IvfPq, "IVF_FLAT": IvfFlat, "IVF_HNSW_SQ": HnswSq}
-    index_type = index_type.upper()
-    if index_type not in kinds:
-        raise InputError(f"unknown index type {index_type!r}; use one of {', '.join(sorted(kinds))}")
-    if num_partitions:
-        partitions = num_partitions
-    elif index_type == "IVF_HNSW_SQ":  # a graph per partition: few, large partitions
-        partitions = max(1, n // 100_000)
-    else:  # IVF: ~√n partitions of at least 256 rows
-        partitions = max(1, min(int(np.sqrt(n)), n // 256 or 1))
-    options = {"distance_type": "cosine", "num_partitions": partitions}
-    if index_type == "IVF_PQ":
-        options["num_sub_vectors"] = num_sub_vectors or 16
-    tbl.create_index("expression_embedding", config=kinds[index_type](**options), replace=True)
-    for name in ("spots", "predictions"):  # bitmap indexes on the filter columns, built once
-        store.build_scalar_indexes(name)
-    return store.refresh_indexes()  # folds rows ingested since into the scalar indexes
+    return Store(db).create_vector_index(index_type, num_partitions=num_partitions, num_sub_vectors=num_sub_vectors)
 
 
 # ---- SQL and overview ---------------------------------------------------------------------
@@ -688,6 +461,8 @@ def info(*, db: str | Path) -> dict:
 
 
 __all__ = [
+    "DEFAULT_WEIGHTS",
+    "ModelConfig",
     "TrainOptions",
     "TrainResult",
     "IngestResult",

@@ -9,9 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
 import warnings
-from pathlib import Path
 
 import click
 from rich.console import Console
@@ -122,6 +120,8 @@ def training_options(fn):
     defaults = api.TrainOptions()
     for option in reversed(
         [
+            click.option("--method", type=click.Choice(["bleep", "stgchb"]), default=defaults.method, show_default=True, help="bleep: each spot alone; stgchb: graph contrastive learning over each section's spatial kNN graph (ST-GCHB)."),
+            click.option("--method-param", "method_params", multiple=True, metavar="KEY=VALUE", help="A method hyper-parameter, e.g. --method-param layers=2 (stgchb: graph_k, hidden, layers, beta, sigma, hsic_weight, dgi_weight, pretrain_epochs)."),
             click.option("--genes", "genes_file", type=click.Path(dir_okay=False), help="Gene panel: one symbol per line."),
             click.option("--n-genes", type=int, default=defaults.n_genes, show_default=True, help="Else: this many highly variable genes of the training references."),
             click.option("--backbone", show_default=f"{api.ModelConfig.backbone}, or the one registered --weights fit", help="Any timm model name (hf-hub:... names need network)."),
@@ -142,10 +142,28 @@ def training_options(fn):
 
 
 def _train_options(kwargs: dict) -> api.TrainOptions:
-    keys = ("genes_file", "n_genes", "backbone", "weights", "patch_um", "patch_px", "epochs", "batch_size", "lr", "head_lr", "seed", "freeze_backbone", "views")
+    keys = ("method", "genes_file", "n_genes", "backbone", "weights", "patch_um", "patch_px", "epochs", "batch_size", "lr", "head_lr", "seed", "freeze_backbone", "views")
     if kwargs.get("weights") is not None and kwargs["weights"].lower() == "none":
         kwargs = {**kwargs, "weights": ""}  # explicit random initialisation
-    return api.TrainOptions(**{k: kwargs[k] for k in keys})
+    return api.TrainOptions(**{k: kwargs[k] for k in keys}, method_params=_method_params(kwargs.get("method_params", ())))
+
+
+def _method_params(pairs) -> dict:
+    """KEY=VALUE pairs as numbers where they read as numbers (the method checks names and values)."""
+    params = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{pair!r}: expected KEY=VALUE", param_hint="--method-param")
+        for cast in (int, float):
+            try:
+                params[key.strip()] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            params[key.strip()] = value.strip()
+    return params
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -190,10 +208,11 @@ def train(references, db, platform, image, mpp, spot_table, log_normalised, devi
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
 @click.option("--mpp", type=float, help="Micrometres per full-resolution pixel for every reference.")
 @click.option("--log-normalised", is_flag=True, help="The .h5ad files' X is log1p(counts per 10k) of a gene subset, with no raw counts beside it.")
+@click.option("--cache", type=click.Path(file_okay=False), help="Keep each section's frozen-backbone features in this folder between runs.")
 @training_options
 @device_option
 @handle_errors
-def evaluate(references, holdouts, platform, markers, k, baselines, out, as_json, mpp, log_normalised, device, **kwargs):
+def evaluate(references, holdouts, platform, markers, k, baselines, out, as_json, mpp, log_normalised, cache, device, **kwargs):
     """Leave-one-section-out evaluation: per-gene Pearson r on held-out spots (HEG-50, HVG-50,
     markers, all genes) and MSE, for the model and for baselines, on the same genes.
 
@@ -204,7 +223,7 @@ def evaluate(references, holdouts, platform, markers, k, baselines, out, as_json
     refs = [api.read_reference(r, platform=platform, mpp=mpp, log_normalised=log_normalised) for r in references]
     result = api.evaluate(
         refs, holdouts=list(holdouts) or None, options=_train_options(kwargs), markers=[m.strip() for m in markers.split(",") if m.strip()],
-        k=k, baselines=baselines, out=out, device=device, log=_log,
+        k=k, baselines=baselines, out=out, device=device, cache=cache, log=_log,
     )
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=1, default=str))

@@ -65,9 +65,24 @@ def _to_device(model: nn.Module, device: torch.device) -> nn.Module:
     return model.to(memory_format=torch.channels_last)
 
 
+def iter_image_features(model: nn.Module, batches: Iterable[np.ndarray], *, device: torch.device, precision: str = "fp32") -> Iterator[np.ndarray]:
+    """Backbone features per uint8 NHWC patch batch, averaged over the model's ``cfg.views``
+    dihedral views: (b, n_features) float32, as the batches arrive. The backbone runs under
+    ``precision`` (bf16 autocast where it pays); what a method does with the features runs in fp32."""
+    model = _to_device(model, device)
+    views = getattr(model.cfg, "views", 1)
+    for b in batches:
+        with torch.inference_mode():
+            images = torch.from_numpy(b).to(device, non_blocking=True)
+            with autocast(device, precision):
+                features = model.image_features(images, views)
+        yield features.float().cpu().numpy()
+
+
 def iter_image_embeddings(model: nn.Module, batches: Iterable[np.ndarray], *, device: torch.device, precision: str = "fp32") -> Iterator[np.ndarray]:
-    """Image embeddings per uint8 NHWC patch batch, (b, d) float32, unit length, as the batches
-    arrive (``precision`` as :func:`resolve_precision` returns it)."""
+    """BLEEP image embeddings per uint8 NHWC patch batch, (b, d) float32, unit length, as the
+    batches arrive (``precision`` as :func:`resolve_precision` returns it). Each patch alone: a
+    graph method embeds queries through :meth:`histoindex.methods.Method.query_encoder`."""
     model = _to_device(model, device)
     views = getattr(model.cfg, "views", 1)
     for b in batches:

@@ -7,19 +7,23 @@ standardisation/PCA/ridge, the mean-expression baseline) sees the training secti
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .baselines import mean_colour, retrieval_mean, ridge_on_features  # noqa: F401  (also importable from here)
 from .data import SpotSet
 from .errors import InputError
 from .metrics import mse, pearson_per_gene
 
 #: default marker genes for breast tissue (HER2ST-style MG-8)
 BREAST_MARKERS = ("FASN", "SCD", "KRT8", "CD74", "MGP", "IGKC", "VIM", "MUC1")
-BASELINES = ("mean", "colour-retrieval", "frozen-retrieval", "frozen-ridge")
+BASELINES = ("neighbour-mean", "mean", "colour-retrieval", "frozen-retrieval", "frozen-ridge")
 
 
 def gene_sets(truth: np.ndarray, genes: Sequence[str], markers: Sequence[str], n: int = 50) -> dict[str, np.ndarray]:
@@ -44,42 +48,14 @@ def score(truth: np.ndarray, predicted: np.ndarray, sets: dict[str, np.ndarray])
     return out
 
 
-# ---- baselines ----------------------------------------------------------------------------
-def mean_colour(patches: np.ndarray) -> np.ndarray:
-    return patches.reshape(len(patches), -1, 3).mean(axis=1).astype(np.float32)
-
-
-def retrieval_mean(query: np.ndarray, keys: np.ndarray, values: np.ndarray, k: int, *, metric: str = "cosine") -> np.ndarray:
-    """Mean of the k nearest keys' values: cosine (unit-normalised) or euclidean distance."""
-    from .search import exact_topk
-
-    if metric == "cosine":
-        q = query / np.maximum(np.linalg.norm(query, axis=1, keepdims=True), 1e-12)
-        kk = keys / np.maximum(np.linalg.norm(keys, axis=1, keepdims=True), 1e-12)
-        idx, _ = exact_topk(q, kk, k)
-    else:  # euclidean: -|q-k|² = 2 q·k - |k|² - |q|², rank by 2 q·k - |k|²
-        aug_q = np.concatenate([2 * query, -np.ones((len(query), 1), np.float32)], axis=1)
-        aug_k = np.concatenate([keys, (keys**2).sum(axis=1, keepdims=True)], axis=1)
-        idx, _ = exact_topk(aug_q, aug_k, k)
-    from .impute import average_rows
-
-    return average_rows(idx, values)
-
-
-def ridge_on_features(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, *, n_components: int = 256) -> np.ndarray:
-    """HEST-Benchmark style: standardise, PCA to 256, ridge (alpha = 100 / (n_features·n_targets)),
-    all fitted on training spots only."""
-    mu, sd = train_x.mean(axis=0), train_x.std(axis=0) + 1e-6
-    a, b = (train_x - mu) / sd, (test_x - mu) / sd
-    _, _, vt = np.linalg.svd(a, full_matrices=False)
-    basis = vt[: min(n_components, vt.shape[0])].T
-    a, b = a @ basis, b @ basis
-    alpha = 100.0 / (a.shape[1] * train_y.shape[1])
-    y_mean = train_y.mean(axis=0)
-    a_mean = a.mean(axis=0)
-    ac = a - a_mean
-    w = np.linalg.solve(ac.T @ ac + alpha * np.eye(ac.shape[1]), ac.T @ (train_y - y_mean))
-    return ((b - a_mean) @ w + y_mean).astype(np.float32)
+def _cache_path(cache: str | Path | None, ref: SpotSet, cfg, precision: str) -> Path | None:
+    if cache is None:
+        return None
+    key = hashlib.sha256()
+    for part in (ref.source, ref.name, cfg.backbone, cfg.weights, cfg.patch_um, cfg.patch_px, precision, ref.mpp):
+        key.update(str(part).encode())
+    key.update(np.ascontiguousarray(ref.xy, np.float64).tobytes())
+    return Path(cache) / f"{ref.name}-{key.hexdigest()[:16]}.npy"
 
 
 # ---- the run ------------------------------------------------------------------------------
@@ -96,6 +72,7 @@ class FoldResult:
     truth: np.ndarray = field(repr=False)
     predictions: dict[str, np.ndarray] = field(repr=False)
     train_seconds: float = 0.0
+    epochs: int = 0
 
 
 @dataclass
@@ -133,7 +110,7 @@ class Evaluation:
             "config": self.config,
             "summary": self.summary(),
             "folds": [
-                {k: getattr(f, k) for k in ("holdout", "train_sections", "n_train_spots", "n_test_spots", "n_genes", "scores", "train_seconds")}
+                {k: getattr(f, k) for k in ("holdout", "train_sections", "n_train_spots", "n_test_spots", "n_genes", "scores", "train_seconds", "epochs")}
                 for f in self.folds
             ],
         }
@@ -149,20 +126,26 @@ def evaluate(
     baselines: bool = True,
     device: str | None = None,
     precision: str = "auto",
+    cache: str | Path | None = None,
     log: Callable[[str], None] = lambda _: None,
 ) -> Evaluation:
     """Leave each of ``holdouts`` (default: every section) out in turn: train on the others with
-    ``options`` (api.TrainOptions), predict the held-out spots by retrieval exactly as ``query``
-    does, and score model and baselines on the same genes."""
-    from . import api
-    from .embed import backbone_features, batched, embed_expression, embed_images, resolve_device, resolve_precision
+    ``options`` (:class:`~histoindex.recipe.TrainOptions`, any method), predict the held-out spots
+    by retrieval exactly as ``ingest`` + ``query --spots`` do, and score model and baselines on the
+    same genes. ``cache``: a folder where the frozen backbone's features of each section are kept
+    between runs (keyed by the section's spots, the backbone, its weights, the patch geometry and
+    the precision), so that comparing recipes does not recompute them."""
+    from .baselines import graph_smoothed
+    from .embed import backbone_features, batched, iter_image_features, resolve_device, resolve_precision
     from .impute import average_rows
+    from .methods import get_method
     from .models import create_model
     from .patch import spot_patches
+    from .recipe import TrainOptions, model_config, train_model
     from .search import exact_topk
-    from .train import train_model
+    from .train import TrainSection, seed_everything
 
-    options = options or api.TrainOptions()
+    options = options or TrainOptions()
     names = [r.name for r in references]
     if len(set(names)) != len(names):
         raise InputError(f"section names repeat: {', '.join(names)}")
@@ -174,47 +157,66 @@ def evaluate(
         raise InputError("evaluation needs at least two sections: one to hold out, one to train on")
     torch_device = resolve_device(device)
     precision = resolve_precision(precision, torch_device)  # what train, ingest and query use here
-    import torch.nn.functional as F_
-    import torch
 
     # Per-section work that does not depend on the fold is done once: patches, and the frozen
-    # backbone's features for all 8 views (used by the frozen baselines, and to train the heads
-    # when the backbone is frozen). The backbone as loaded is the same in every fold.
-    probe = api._model_config(references[:1], options)
+    # backbone's features for all 8 views (used by the frozen baselines, and to train when the
+    # backbone is frozen). The backbone as loaded is the same in every fold.
+    probe = model_config(references[:1], options)
+    seed_everything(probe.seed)  # a randomly initialised backbone is then the one train_model builds
     frozen = create_model(probe.replace(genes=probe.genes[:1]), weights=probe.weights or None)
     patches: dict[str, np.ndarray] = {}
     features: dict[str, np.ndarray] = {}
     for ref in references:
         patches[ref.name] = spot_patches(ref, patch_um=probe.patch_um, patch_px=probe.patch_px)
         if baselines or probe.freeze_backbone:
+            path = _cache_path(cache, ref, probe, precision)
+            if path is not None and path.exists():
+                features[ref.name] = np.load(path)
+                log(f"features of {ref.name} from {path}")
+                continue
             features[ref.name] = backbone_features(frozen, batched(patches[ref.name], 64), device=torch_device, views=8, precision=precision)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                np.save(path.with_suffix(".tmp.npy"), features[ref.name])
+                os.replace(path.with_suffix(".tmp.npy"), path)
+    del frozen
     folds = []
     for holdout in holdouts:
         test = references[names.index(holdout)]
         train = [r for r in references if r.name != holdout]
         started = time.perf_counter()
-        cfg = api._model_config(train, options)  # genes from training sections only
+        cfg = model_config(train, options)  # genes from training sections only
         genes = list(cfg.genes)
-        log(f"fold {holdout}: training on {', '.join(r.name for r in train)} ({sum(r.n_obs for r in train)} spots, {len(genes)} genes)")
-        cached = np.concatenate([features[r.name] for r in train]) if cfg.freeze_backbone else None
+        method = get_method(cfg.method)
+        log(f"fold {holdout}: training {cfg.method} on {', '.join(r.name for r in train)} ({sum(r.n_obs for r in train)} spots, {len(genes)} genes)")
+        cached = [features[r.name] for r in train] if cfg.freeze_backbone else None
         result = train_model(train, cfg, weights=cfg.weights or None, device=torch_device, features=cached, precision=precision)
         train_seconds = time.perf_counter() - started
         model = result.model.to(torch_device).eval()
-        train_expr = np.concatenate([r.normalized(genes) for r in train])
-        truth = test.normalized(genes)
-        if cfg.freeze_backbone:  # = embed_images with cfg.views, from the cached view features
-            with torch.inference_mode():
-                view_mean = torch.from_numpy(features[holdout][:, : max(cfg.views, 1)].mean(axis=1)).to(torch_device)
-                queries = F_.normalize(model.image_projection(view_mean), dim=-1).float().cpu().numpy()
+        views = max(cfg.views, 1)
+        if cfg.freeze_backbone:  # what ingest and query compute: features averaged over the model's views
+            view_features = {name: cached[:, :views].mean(axis=1) for name, cached in features.items()}
         else:
-            queries = embed_images(model, batched(patches[holdout], 64), device=torch_device, precision=precision)
-        keys = embed_expression(model, train_expr, device=torch_device)
+            view_features = {
+                r.name: np.concatenate(list(iter_image_features(model, batched(patches[r.name], 64), device=torch_device, precision=precision)))
+                for r in (*train, test)
+            }
+
+        # exactly ingest → query --spots: each training section embedded as a reference (its own
+        # graph for a graph method), the held-out spots as queries, exact top-k, mean profile
+        train_expr = np.concatenate([r.normalized(genes) for r in train])
+        keys = np.concatenate([
+            method.embed_references(model, TrainSection(r.name, r.normalized(genes), r.xy * r.mpp, features=view_features[r.name]), device=torch_device)[1]
+            for r in train
+        ])
+        queries = np.concatenate(list(method.query_encoder(model, test.xy * test.mpp, device=torch_device)([view_features[holdout]])))
+        truth = test.normalized(genes)
         idx, _ = exact_topk(queries, keys, k)
         predictions = {"histoindex": average_rows(idx, train_expr)}
 
         if baselines:
-            views = max(cfg.views, 1)
             train_patches = np.concatenate([patches[r.name] for r in train])
+            predictions["neighbour-mean"] = graph_smoothed(predictions["histoindex"], test.xy * test.mpp)
             predictions["mean"] = np.broadcast_to(train_expr.mean(axis=0), truth.shape).copy()
             predictions["colour-retrieval"] = retrieval_mean(mean_colour(patches[holdout]), mean_colour(train_patches), train_expr, k, metric="euclidean")
             f_train = np.concatenate([features[r.name][:, :views].mean(axis=1) for r in train])
@@ -237,8 +239,9 @@ def evaluate(
                 truth=truth,
                 predictions=predictions,
                 train_seconds=round(train_seconds, 1),
+                epochs=len(result.metrics["train_loss"]),
             )
         )
-        log(f"fold {holdout}: " + "; ".join(f"{s} HEG {v[f'HEG-50']:.3f} HVG {v['HVG-50']:.3f}" for s, v in scores.items()))
+        log(f"fold {holdout}: " + "; ".join(f"{s} HEG {v['HEG-50']:.3f} HVG {v['HVG-50']:.3f}" for s, v in scores.items()))
     config = {"options": {k2: getattr(options, k2) for k2 in options.__dataclass_fields__}, "k": k, "markers": list(markers), "device": str(torch_device), "precision": precision}
     return Evaluation(folds=folds, config=config)

@@ -265,6 +265,46 @@ class Store:
                 return record
         raise UnknownValue(f"no model {model_id!r}; models: {', '.join(r.model_id for r in records)}")
 
+    # ---- which model -------------------------------------------------------------------
+    def ingest_model(self, model_id: str | None = None, *, log: Callable[[str], None] = lambda _: None) -> str | None:
+        """The model an ingest embeds with: ``model_id`` if given; else the one model the store's
+        spots already use (never silently a newer one: spots of two models are two embedding spaces,
+        and a query searches one); else, with no spots yet, the newest model; None when the store has
+        no model (the ingest trains one)."""
+        models = self.models()
+        if model_id is not None:
+            self.model(model_id)  # an unknown id is an error that lists the known ones
+            return model_id
+        in_use = self.spot_models()
+        if len(in_use) > 1:
+            listed = "; ".join(f"{m} ({', '.join(d)})" for m, d in in_use.items())
+            raise StoreError(f"the store's spots were embedded by {len(in_use)} models: {listed}; pass --model to choose one")
+        if in_use:
+            (chosen,) = in_use
+            newest = models[-1].model_id if models else chosen
+            if newest != chosen:
+                log(f"embedding with {chosen}, the model the store's spots use; the newer model {newest} has none (pass --model {newest} to ingest under it)")
+            return chosen
+        return models[-1].model_id if models else None
+
+    def query_model(self, *, version: int | str | None = None, model_id: str | None = None) -> ModelRecord:
+        """The model a query searches: ``model_id`` (which must have spots at ``version``), else the one
+        model the spots at ``version`` were embedded by; several is an error naming them."""
+        in_use = self.spot_models(version=version)
+        at = f"spots@{version if version is not None else 'latest'}"
+        if model_id is not None:
+            record = self.model(model_id)
+            if model_id not in in_use:
+                raise StoreError(f"{at} holds no spots embedded by model {model_id}; models with spots: {', '.join(in_use) or 'none'}")
+            return record
+        if not in_use:
+            raise StoreError(f"{at} holds no spots of any registered model; ingest a reference first")
+        if len(in_use) > 1:
+            listed = "; ".join(f"{m} ({', '.join(d)})" for m, d in in_use.items())
+            raise StoreError(f"{at} holds spots of {len(in_use)} models (separate embedding spaces): {listed}; pass --model")
+        (only,) = in_use
+        return self.model(only)
+
     # ---- spots --------------------------------------------------------------------------
     def write_dataset(self, rows: pa.Table, *, model_id: str, dataset: str) -> int:
         """Write one dataset's spots under one model in a single commit, replacing the rows that
@@ -336,6 +376,20 @@ class Store:
         values = query.to_arrow().column(column).unique().to_pylist()
         return sorted(v for v in values if v is not None)
 
+    def create_vector_index(self, index_type: str = "IVF_PQ", *, num_partitions: int | None = None, num_sub_vectors: int | None = None) -> int:
+        """Build the ANN index on the reference expression embeddings and the scalar (bitmap)
+        indexes on the filter columns if missing, and fold rows ingested since into them all.
+        Returns the new spots version."""
+        tbl = self.table("spots")
+        n = tbl.count_rows()
+        if n == 0:
+            raise StoreError("the spots table is empty: ingest a reference first")
+        config = vector_index_config(index_type, n, num_partitions=num_partitions, num_sub_vectors=num_sub_vectors)
+        tbl.create_index("expression_embedding", config=config, replace=True)
+        for name in ("spots", "predictions"):
+            self.build_scalar_indexes(name)
+        return self.refresh_indexes()
+
     # ---- predictions --------------------------------------------------------------------
     def add_predictions(self, rows: pa.Table | Iterable[pa.RecordBatch]) -> int:
         """Append prediction rows in one commit; ``rows`` may be a stream of record batches, which
@@ -398,9 +452,58 @@ class Store:
         return {"uri": self.uri, "tables": tables, "datasets": datasets, "models": models}
 
 
+VECTOR_INDEX_TYPES = ("IVF_PQ", "IVF_FLAT", "IVF_HNSW_SQ")
+
+
+def vector_index_config(index_type: str, n_rows: int, *, num_partitions: int | None = None, num_sub_vectors: int | None = None):
+    """LanceDB's index config for the expression embeddings (cosine): IVF partitions ~√n of at
+    least 256 rows (n/100k for HNSW, a graph per partition), 16 PQ sub-vectors by default."""
+    from lancedb.index import HnswSq, IvfFlat, IvfPq
+
+    kinds = {"IVF_PQ": IvfPq, "IVF_FLAT": IvfFlat, "IVF_HNSW_SQ": HnswSq}
+    index_type = index_type.upper()
+    if index_type not in kinds:
+        raise UnknownValue(f"unknown index type {index_type!r}; use one of {', '.join(VECTOR_INDEX_TYPES)}")
+    if num_partitions:
+        partitions = num_partitions
+    elif index_type == "IVF_HNSW_SQ":
+        partitions = max(1, n_rows // 100_000)
+    else:
+        partitions = max(1, min(int(np.sqrt(n_rows)), n_rows // 256 or 1))
+    options: dict[str, Any] = {"distance_type": "cosine", "num_partitions": partitions}
+    if index_type == "IVF_PQ":
+        options["num_sub_vectors"] = num_sub_vectors or 16
+    return kinds[index_type](**options)
+
+
 def has_vector_index(tbl) -> bool:
     """Whether a spots table has the ANN index on its expression embeddings (`histoindex index`)."""
     return any(i.columns == ["expression_embedding"] for i in tbl.list_indices())
+
+
+def prediction_rows(
+    *, run_id: str, slide: str, ids: np.ndarray, xy: np.ndarray, mpp: float, values: np.ndarray, model_id: str,
+    spots_version: int, predicate: str, k: int, created_at: datetime,
+) -> pa.Table:
+    """Arrow rows for the predictions table (column layout from schemas/predictions.json)."""
+    n, n_genes = values.shape
+    return pa.table(
+        {
+            "run_id": [run_id] * n,
+            "slide": [slide] * n,
+            "tile_id": np.asarray(ids).astype(str),
+            "x": xy[:, 0],
+            "y": xy[:, 1],
+            "x_um": xy[:, 0] * mpp,
+            "y_um": xy[:, 1] * mpp,
+            "model_id": [model_id] * n,
+            "spots_version": np.full(n, spots_version, np.int64),
+            "filter": [predicate] * n,
+            "k": np.full(n, k, np.int32),
+            "created_at": pa.array([created_at] * n, pa.timestamp("us", tz="UTC")),
+            "expression": pa.ListArray.from_arrays(pa.array(np.arange(0, (n + 1) * n_genes, n_genes, dtype=np.int32)), pa.array(np.ascontiguousarray(values, np.float32).ravel())),
+        }
+    )
 
 
 def spot_rows(

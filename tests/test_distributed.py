@@ -17,7 +17,7 @@ from histoindex import distributed
 from histoindex.data import ImageRef, SpotSet
 from histoindex.errors import InputError
 from histoindex.models import ModelConfig
-from histoindex.train import train_model
+from histoindex.recipe import train_model
 
 WORLD = 2
 N_SPOTS, N_GENES = 20, 6

@@ -25,7 +25,7 @@ def test_evaluate_cli_scores_model_and_baselines_and_writes_rescorable_predictio
     (fold,) = report["folds"]
     assert fold["holdout"] == "syn-heldout" and fold["train_sections"] == ["syn-train", "syn-other"]
     scores = fold["scores"]
-    assert set(scores) == {"histoindex", "mean", "colour-retrieval", "frozen-retrieval", "frozen-ridge"}
+    assert set(scores) == {"histoindex", "neighbour-mean", "mean", "colour-retrieval", "frozen-retrieval", "frozen-ridge"}
     assert scores["mean"]["all"] == 0.0  # a constant prediction scores 0, not NaN
     assert scores["histoindex"]["all"] > 0.25
     assert scores["histoindex"]["MSE"] < scores["mean"]["MSE"]
@@ -68,3 +68,23 @@ def test_gene_sets_are_defined_on_truth():
     truth[:, 7] = np.arange(10)  # most variable
     sets = gene_sets(truth, [f"g{i}" for i in range(60)], ["g7", "zz"], n=1)
     assert list(sets["HEG-1"]) == [5] and list(sets["HVG-1"]) == [7] and list(sets["MG-1"]) == [7]
+
+
+def test_evaluate_gives_what_the_cli_chain_gives(sections, tmp_path):
+    """A fold of `evaluate` runs the code users run: train on the training sections, ingest them,
+    query the held-out slide at its spots — the same predictions, to float rounding."""
+    frozen = ["--backbone", "resnet10t", "--weights", "none", "--freeze-backbone", "--views", "2", "--patch-px", "64", "--patch-um", "110",
+              "--epochs", "4", "--n-genes", "48", "--seed", "3"]
+    out = tmp_path / "fold.parquet"
+    run("evaluate", sections.train_h5ad, sections.other_h5ad, sections.heldout_h5ad, "--holdout", "syn-heldout", "--no-baselines", "--out", out, "--json", *frozen)
+    evaluated = pl.read_parquet(out).filter(pl.col("system") == "histoindex")
+
+    db, queried = tmp_path / "db", tmp_path / "query.parquet"
+    run("train", sections.train_h5ad, sections.other_h5ad, "--db", db, *frozen)
+    for h5ad, name in ((sections.train_h5ad, "syn-train"), (sections.other_h5ad, "syn-other")):
+        run("ingest", h5ad, "--tissue", "breast", "--dataset", name, "--db", db)
+    run("query", sections.heldout_tif, "--spots", sections.heldout_h5ad, "--out", queried, "--db", db)
+    cli = pl.read_parquet(queried)
+    genes = [c for c in evaluated.columns if c not in ("section", "system", "spot")]
+    assert cli["spot"].to_list() == evaluated["spot"].to_list()
+    np.testing.assert_allclose(cli.select(genes).to_numpy(), evaluated.select(genes).to_numpy(), rtol=1e-4, atol=1e-4)

@@ -16,6 +16,7 @@ from histoindex._compat import import_timm
 from histoindex.config import ModelConfig
 from histoindex.errors import InputError, UnknownModel
 from histoindex.models import create_backbone, create_model, get_pretrained, list_pretrained, load_backbone_weights
+from histoindex.recipe import TrainOptions, model_config
 from histoindex.models.layers import ImageNormalize
 from histoindex.models.pretrained import lukemelas_to_timm
 from histoindex.store import Store
@@ -186,17 +187,17 @@ def test_missing_package_says_how_to_install(monkeypatch):
 # ---- (b) the recorded input normalisation -----------------------------------------------------
 def test_model_config_takes_backbone_and_stats_from_the_weights(sections):
     refs = [api.read_reference(sections.train_h5ad)]
-    cfg = api._model_config(refs, api.TrainOptions(weights=NAME, n_genes=16))
+    cfg = model_config(refs, TrainOptions(weights=NAME, n_genes=16))
     assert (cfg.backbone, cfg.weights, cfg.mean, cfg.std) == (BACKBONE, NAME, HALF, HALF)
     assert ModelConfig.from_json(cfg.to_json()).mean == HALF  # as stored with the model
-    same = api._model_config(refs, api.TrainOptions(backbone=BACKBONE, weights=NAME, n_genes=16))
+    same = model_config(refs, TrainOptions(backbone=BACKBONE, weights=NAME, n_genes=16))
     assert (same.backbone, same.mean) == (BACKBONE, HALF)
     for chosen in ("resnet18", "resnet10t"):  # an explicit choice, even of the usual default, is kept
         with pytest.raises(InputError, match=f"--weights lite0-imagenet fits backbone tf_efficientnet_lite0, not {chosen}"):
-            api._model_config(refs, api.TrainOptions(backbone=chosen, weights=NAME, n_genes=16))
-    default = api._model_config(refs, api.TrainOptions(n_genes=16))  # nothing chosen: the default recipe
+            model_config(refs, TrainOptions(backbone=chosen, weights=NAME, n_genes=16))
+    default = model_config(refs, TrainOptions(n_genes=16))  # nothing chosen: the default recipe
     assert (default.backbone, default.weights, default.mean) == (BACKBONE, NAME, HALF)
-    plain = api._model_config(refs, api.TrainOptions(backbone="resnet18", n_genes=16))  # a backbone, no weights
+    plain = model_config(refs, TrainOptions(backbone="resnet18", n_genes=16))  # a backbone, no weights
     assert (plain.backbone, plain.weights, plain.mean) == ("resnet18", "", IMAGENET[0])
 
 

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 
 from histoindex.errors import InputError, StoreError
-from histoindex.search import References, Scope, check_where
+from histoindex.search import Scope, check_where
 from histoindex.store import Store, spot_rows
 
 from .conftest import TRAIN_ARGS, run

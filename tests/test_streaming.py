@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import tifffile
 
-from histoindex import api
+from histoindex import api, pipeline
 from histoindex.io.slides import open_slide
 from histoindex.patch import iter_patches, stream_patches, tile_grid
 
@@ -38,7 +38,7 @@ def _predict(db, slide, **options):
 
 def test_workers_batches_and_search_chunks_do_not_change_predictions(store, sections, monkeypatch):
     reference = _predict(store, sections.heldout_tif, workers=0, batch_size=64)
-    monkeypatch.setattr(api, "SEARCH_CHUNK", 50)  # several search/write chunks per slide
+    monkeypatch.setattr(pipeline, "SEARCH_CHUNK", 50)  # several search/write chunks per slide
     streamed = _predict(store, sections.heldout_tif, workers=2, batch_size=7)
     assert reference.n_tiles == streamed.n_tiles > 100
     np.testing.assert_array_equal(streamed.ids, reference.ids)

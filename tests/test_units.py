@@ -19,7 +19,7 @@ from histoindex.metrics import pearson_per_gene
 from histoindex.models import ModelConfig, create_model, list_models
 from histoindex.models.bleep import bleep_loss, dihedral
 from histoindex.patch import otsu_threshold, tissue_mask
-from histoindex.train import _augment
+from histoindex.train import augment as _augment
 
 
 def test_layouts_come_from_the_schema_files():
@@ -27,8 +27,13 @@ def test_layouts_come_from_the_schema_files():
     assert spots.field("image_embedding").type == pa.list_(pa.float32(), 256)
     assert spots.field("expression").type == pa.list_(pa.float32())
     assert schemas.embedding_dim() == 256
-    assert spots.metadata[b"histoindex.schema_version"] == b"1"
-    assert set(schemas.layout("spots").key) == {"dataset", "spot_id"}
+    assert spots.metadata[b"histoindex.schema_version"] == b"2"
+    # the key in column order (Lance matches concurrent inserts only in primary-key field order),
+    # each key column marked as such for Lance
+    assert schemas.layout("spots").key == ("spot_id", "dataset", "model_id")
+    for name in spots.names:
+        marked = (spots.field(name).metadata or {}).get(b"lance-schema:unenforced-primary-key") == b"true"
+        assert marked == (name in {"spot_id", "dataset", "model_id"}), name
     with pytest.raises(SchemaMismatch, match="lack column"):
         schemas.conform("models", pa.table({"model_id": ["x"]}))
 

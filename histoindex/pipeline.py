@@ -1,0 +1,91 @@
+"""The streaming predict loop: read tiles → backbone features → the method's query encoder →
+search → impute, yielding predictions chunk by chunk.
+
+Background threads read patches ahead; the backbone embeds them in batches; the method turns the
+features into query embeddings (a graph method, block by block with a halo); every ``SEARCH_CHUNK``
+tiles are searched and imputed. Memory stays flat with slide size."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from .data import PatchGrid
+from .embed import iter_image_features
+from .impute import impute
+from .io.slides import Slide
+from .methods import get_method
+from .patch import stream_patches
+from .search import References, search
+
+#: tiles searched, imputed and written together
+SEARCH_CHUNK = 2048
+
+#: ``progress(step, done, total)``: called as a long step advances
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class PredictedChunk:
+    """Predictions for grid rows ``rows`` (a slice of the grid, in order)."""
+
+    rows: slice
+    values: np.ndarray  # (rows, genes) float32
+
+
+def predict(
+    open_slide: Callable[[], Slide],
+    grid: PatchGrid,
+    model,
+    references: References,
+    *,
+    k: int,
+    device,
+    precision: str,
+    batch_size: int = 64,
+    workers: int = 1,
+    progress: Progress | None = None,
+) -> Iterator[PredictedChunk]:
+    """Predict expression at every position of ``grid`` (level-0 pixels of the slide
+    ``open_slide()`` opens), chunk by chunk, in grid order."""
+    cfg = model.cfg
+    method = get_method(cfg.method)
+    patches = stream_patches(
+        open_slide, grid.xy, side_px=cfg.patch_um / grid.mpp, out_px=cfg.patch_px, batch_size=batch_size, workers=workers,
+    )
+    features = counted(iter_image_features(model, patches, device=device, precision=precision), "tiles", len(grid), progress)
+    embeddings = method.query_encoder(model, grid.xy * grid.mpp, device=device)(features)
+    done = 0
+    for queries in rechunk(embeddings, SEARCH_CHUNK):
+        hits = search(references, queries, k=k)
+        values = impute(hits, references)
+        yield PredictedChunk(rows=slice(done, done + len(values)), values=values)
+        done += len(values)
+
+
+def counted(batches: Iterable[np.ndarray], step: str, total: int, progress: Progress | None) -> Iterator[np.ndarray]:
+    """Pass batches through, reporting ``progress(step, rows so far, total)`` from the start."""
+    if progress is None:
+        yield from batches
+        return
+    done = 0
+    progress(step, 0, total)
+    for batch in batches:
+        done += len(batch)
+        progress(step, done, total)
+        yield batch
+
+
+def rechunk(batches: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
+    """Regroup row batches into chunks of ``size`` rows (the last may be smaller)."""
+    pending, count = [], 0
+    for batch in batches:
+        pending.append(batch)
+        count += len(batch)
+        if count >= size:
+            yield np.concatenate(pending)
+            pending, count = [], 0
+    if pending:
+        yield np.concatenate(pending)

