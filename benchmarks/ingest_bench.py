@@ -31,9 +31,18 @@ def make_rows(n: int, model_id: str, seed: int = 0):
     expression = rng.gamma(1.0, 1.0, (n, N_GENES)).astype(np.float32)
     t = time.perf_counter()
     rows = spot_rows(
-        spot_ids=np.arange(n), dataset="bench", tissue="breast", platform="visium", species="human",
-        xy=rng.random((n, 2)) * 1e4, mpp=0.5, image_embedding=image, expression_embedding=emb,
-        expression=expression, source_values="raw_counts", model_id=model_id,
+        spot_ids=np.arange(n),
+        dataset="bench",
+        tissue="breast",
+        platform="visium",
+        species="human",
+        xy=rng.random((n, 2)) * 1e4,
+        mpp=0.5,
+        image_embedding=image,
+        expression_embedding=emb,
+        expression=expression,
+        source_values="raw_counts",
+        model_id=model_id,
     )
     return rows, time.perf_counter() - t
 

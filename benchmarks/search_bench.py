@@ -33,12 +33,14 @@ def make_table(rows: int, dim: int, seed: int = 0) -> tuple[pa.Table, np.ndarray
     u = rng.random(rows)
     tissue = np.where(u < 0.03, "rare", np.where(u < 0.33, "common", "other"))
     platform = np.where(rng.random(rows) < 0.5, "visium", "st")
-    table = pa.table({
-        "id": np.arange(rows),
-        "tissue": tissue,
-        "platform": platform,
-        "expression_embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), dim),
-    })
+    table = pa.table(
+        {
+            "id": np.arange(rows),
+            "tissue": tissue,
+            "platform": platform,
+            "expression_embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), dim),
+        }
+    )
     return table, x
 
 

@@ -68,9 +68,17 @@ def write_slide(path: Path, side: int, *, texture_px: int = 4096, tile: int = 25
     with tifffile.TiffWriter(path, bigtiff=True) as tif:
         for level, (level_side, tex) in enumerate(levels):
             tif.write(
-                tiles(level_side, tex), shape=(level_side, level_side, 3), dtype=np.uint8, photometric="rgb", tile=(tile, tile),
-                compression="jpeg", compressionargs={"level": 90}, resolution=(res / 2**level, res / 2**level),
-                resolutionunit="CENTIMETER", subfiletype=0 if level == 0 else 1, metadata=None,
+                tiles(level_side, tex),
+                shape=(level_side, level_side, 3),
+                dtype=np.uint8,
+                photometric="rgb",
+                tile=(tile, tile),
+                compression="jpeg",
+                compressionargs={"level": 90},
+                resolution=(res / 2**level, res / 2**level),
+                resolutionunit="CENTIMETER",
+                subfiletype=0 if level == 0 else 1,
+                metadata=None,
             )
     return path
 
@@ -90,15 +98,35 @@ def build_store(db: Path) -> dict[str, str]:
     for name, (method, backbone, weights, patch_um, patch_px) in MODELS.items():
         mean, std = (get_pretrained(weights).mean, get_pretrained(weights).std) if weights else backbone_input_stats(backbone)
         params = get_method(method).default_params()
-        cfg = ModelConfig(method=method, method_params=params, backbone=backbone, weights=weights, patch_um=patch_um, patch_px=patch_px, mean=mean, std=std, genes=genes, views=1)
+        cfg = ModelConfig(
+            method=method,
+            method_params=params,
+            backbone=backbone,
+            weights=weights,
+            patch_um=patch_um,
+            patch_px=patch_px,
+            mean=mean,
+            std=std,
+            genes=genes,
+            views=1,
+        )
         model = create_model(cfg, weights=weights or None)
         ids[name], _ = store.add_model(model, cfg, metrics={}, train_datasets=[f"bench-{name}"])
         emb = rng.normal(size=(N_REFERENCES, 256)).astype(np.float32)
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
         rows = spot_rows(
-            spot_ids=np.arange(N_REFERENCES), dataset=f"bench-{name}", tissue="breast", platform="visium", species="human",
-            xy=rng.random((N_REFERENCES, 2)) * 1e4, mpp=MPP, image_embedding=emb, expression_embedding=emb,
-            expression=rng.gamma(1.0, 1.0, (N_REFERENCES, N_GENES)).astype(np.float32), source_values="raw_counts", model_id=ids[name],
+            spot_ids=np.arange(N_REFERENCES),
+            dataset=f"bench-{name}",
+            tissue="breast",
+            platform="visium",
+            species="human",
+            xy=rng.random((N_REFERENCES, 2)) * 1e4,
+            mpp=MPP,
+            image_embedding=emb,
+            expression_embedding=emb,
+            expression=rng.gamma(1.0, 1.0, (N_REFERENCES, N_GENES)).astype(np.float32),
+            source_values="raw_counts",
+            model_id=ids[name],
         )
         store.write_dataset(rows, model_id=ids[name], dataset=f"bench-{name}")
     return ids
@@ -142,8 +170,13 @@ def run_one(args) -> dict:
         out = {"tiles": n, "seconds": seconds, "precision": precision}
     else:
         result = api.query(
-            args.slide, db=args.db, model_id=args.model_id, out=Path(args.db).parent / "bench.parquet", batch_size=args.batch_size,
-            keep_predictions=False, workers=args.workers,
+            args.slide,
+            db=args.db,
+            model_id=args.model_id,
+            out=Path(args.db).parent / "bench.parquet",
+            batch_size=args.batch_size,
+            keep_predictions=False,
+            workers=args.workers,
         )
         n, seconds = result.n_tiles, result.seconds
         out = {"tiles": n, "seconds": seconds, "stream_seconds": result.stream_seconds}
@@ -215,7 +248,10 @@ def main() -> None:
         r = child(*extra)
         method, backbone, _, patch_um, patch_px = MODELS[name]
         stream = f"{r['stream_seconds']:.1f} | {r['tiles'] / r['stream_seconds']:,.1f}" if "stream_seconds" in r else "– | –"
-        print(f"| {method}, {backbone} {patch_um:g} µm/{patch_px} px | {label} | {r['tiles']:,} | {r['seconds']:.1f} | {r['tiles_per_s']:,.1f} | {stream} | {r['peak_rss_gb']:.2f} |", flush=True)
+        print(
+            f"| {method}, {backbone} {patch_um:g} µm/{patch_px} px | {label} | {r['tiles']:,} | {r['seconds']:.1f} | {r['tiles_per_s']:,.1f} | {stream} | {r['peak_rss_gb']:.2f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

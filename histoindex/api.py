@@ -297,7 +297,9 @@ def query(
     finally:
         slide.close()
     n = len(grid)
-    log(f"{n} {'spots' if spots is not None else 'tissue tiles'} of {cfg.patch_um:g} µm on {Path(slide_path).name} ({grid.mpp:.3g} µm/px); {path} search over {references.n} references on {torch_device} ({precision})")
+    log(
+        f"{n} {'spots' if spots is not None else 'tissue tiles'} of {cfg.patch_um:g} µm on {Path(slide_path).name} ({grid.mpp:.3g} µm/px); {path} search over {references.n} references on {torch_device} ({precision})"
+    )
     model = load_model(cfg, record.weights(), device=torch_device)
 
     run_id = uuid.uuid4().hex[:12]
@@ -319,10 +321,20 @@ def query(
         "normalisation": cfg.normalisation,
         "created_at": created_at.isoformat(),
     }
-    writer = PredictionWriter(out, id_column=id_column, slide=slide_name, mpp=grid.mpp, genes=list(cfg.genes), provenance=provenance) if out is not None else None
+    writer = (
+        PredictionWriter(out, id_column=id_column, slide=slide_name, mpp=grid.mpp, genes=list(cfg.genes), provenance=provenance) if out is not None else None
+    )
     chunks = predict(
-        lambda: open_slide(slide_path, mpp=grid.mpp), grid, model, references, k=k, device=torch_device, precision=precision,
-        batch_size=batch_size, workers=default_read_workers() if workers is None else workers, progress=progress,
+        lambda: open_slide(slide_path, mpp=grid.mpp),
+        grid,
+        model,
+        references,
+        k=k,
+        device=torch_device,
+        precision=precision,
+        batch_size=batch_size,
+        workers=default_read_workers() if workers is None else workers,
+        progress=progress,
     )
     kept: list[np.ndarray] = []
     failure: list[BaseException] = []
@@ -337,8 +349,17 @@ def query(
                 if keep_predictions:
                     kept.append(chunk.values)
                 rows = prediction_rows(
-                    run_id=run_id, slide=slide_name, ids=ids, xy=xy, mpp=grid.mpp, values=chunk.values, model_id=record.model_id,
-                    spots_version=references.spots_version, predicate=predicate, k=k_eff, created_at=created_at,
+                    run_id=run_id,
+                    slide=slide_name,
+                    ids=ids,
+                    xy=xy,
+                    mpp=grid.mpp,
+                    values=chunk.values,
+                    model_id=record.model_id,
+                    spots_version=references.spots_version,
+                    predicate=predicate,
+                    k=k_eff,
+                    created_at=created_at,
                 )
                 yield from rows.to_batches()
         except BaseException as exc:  # surfaces as an Arrow error inside LanceDB; re-raised below as itself
@@ -358,7 +379,9 @@ def query(
     stream_seconds = time.perf_counter() - stream_started
     predicted = np.concatenate(kept) if kept else np.zeros((0, len(cfg.genes)), np.float32)
     seconds = time.perf_counter() - started
-    log(f"predicted {len(cfg.genes)} genes for {n} tiles ({path} top-{k_eff} of {references.n} references, spots@{references.spots_version}) in {seconds:.1f} s ({n / seconds:.0f} tiles/s); predictions@{predictions_version}")
+    log(
+        f"predicted {len(cfg.genes)} genes for {n} tiles ({path} top-{k_eff} of {references.n} references, spots@{references.spots_version}) in {seconds:.1f} s ({n / seconds:.0f} tiles/s); predictions@{predictions_version}"
+    )
     plots = tuple(plot_predictions(out, genes=[gene], out=picture_path(out, gene)) for gene in plot)
     for picture in plots:
         log(f"drew {picture}")
@@ -413,18 +436,26 @@ def evaluate(
 ):
     """Leave-one-section-out evaluation of ``options`` against baselines; see :mod:`histoindex.evaluate`.
     ``out`` (.parquet) receives the held-out predictions and truth keyed by section, system and spot."""
-    from .evaluate import BREAST_MARKERS, evaluate as run_evaluation
+    from .evaluate import BREAST_MARKERS
+    from .evaluate import evaluate as run_evaluation
 
     if out is not None:
         out = check_output_path(out, (".parquet",))
     result = run_evaluation(
-        references, holdouts=holdouts, options=options, markers=markers or BREAST_MARKERS, k=k,
-        baselines=baselines, device=device, cache=cache, log=log,
+        references,
+        holdouts=holdouts,
+        options=options,
+        markers=markers or BREAST_MARKERS,
+        k=k,
+        baselines=baselines,
+        device=device,
+        cache=cache,
+        log=log,
     )
     if out is not None:
-        import pyarrow.parquet as pq
-
         import json as _json
+
+        import pyarrow.parquet as pq
 
         table = result.predictions_table()
         pq.write_table(table.replace_schema_metadata({"histoindex": _json.dumps(result.to_dict(), default=str)}), out)

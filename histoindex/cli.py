@@ -48,12 +48,17 @@ class ProgressBars:
 
     def __init__(self) -> None:
         self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            _RateColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
         )
         self._tasks: dict[str, int] = {}
 
-    def __enter__(self) -> "ProgressBars":
+    def __enter__(self) -> ProgressBars:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -97,7 +102,10 @@ def device_option(fn):
 
 def precision_option(fn):
     return click.option(
-        "--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+        "--precision",
+        type=click.Choice(["auto", "fp32", "bf16"]),
+        default="auto",
+        show_default=True,
         help="Image-embedding precision; auto: bf16 on CUDA and on CPUs with native bf16, else fp32.",
     )(fn)
 
@@ -105,10 +113,22 @@ def precision_option(fn):
 def reference_options(fn):
     for option in reversed(
         [
-            click.option("--image", type=click.Path(dir_okay=False), help="Full-resolution H&E (overrides the path recorded in the h5ad; needed for legacy ST counts; Space Ranger keeps none)."),
+            click.option(
+                "--image",
+                type=click.Path(dir_okay=False),
+                help="Full-resolution H&E (overrides the path recorded in the h5ad; needed for legacy ST counts; Space Ranger keeps none).",
+            ),
             click.option("--mpp", type=float, help="Micrometres per full-resolution pixel (overrides image metadata and spot size)."),
-            click.option("--spot-table", type=click.Path(dir_okay=False), help="Legacy ST spot table (x, y, pixel_x, pixel_y[, selected]) for a counts .tsv(.gz) reference."),
-            click.option("--log-normalised", is_flag=True, help="The .h5ad's X is log1p(counts per 10k) of a gene subset and it has no raw counts (layers['counts'] or .raw are used first when present)."),
+            click.option(
+                "--spot-table",
+                type=click.Path(dir_okay=False),
+                help="Legacy ST spot table (x, y, pixel_x, pixel_y[, selected]) for a counts .tsv(.gz) reference.",
+            ),
+            click.option(
+                "--log-normalised",
+                is_flag=True,
+                help="The .h5ad's X is log1p(counts per 10k) of a gene subset and it has no raw counts (layers['counts'] or .raw are used first when present).",
+            ),
         ]
     ):
         fn = option(fn)
@@ -120,12 +140,34 @@ def training_options(fn):
     defaults = api.TrainOptions()
     for option in reversed(
         [
-            click.option("--method", type=click.Choice(["bleep", "stgchb"]), default=defaults.method, show_default=True, help="bleep: each spot alone; stgchb: graph contrastive learning over each section's spatial kNN graph (ST-GCHB)."),
-            click.option("--method-param", "method_params", multiple=True, metavar="KEY=VALUE", help="A method hyper-parameter, e.g. --method-param layers=2 (stgchb: graph_k, hidden, layers, beta, sigma, hsic_weight, dgi_weight, pretrain_epochs)."),
+            click.option(
+                "--method",
+                type=click.Choice(["bleep", "stgchb"]),
+                default=defaults.method,
+                show_default=True,
+                help="bleep: each spot alone; stgchb: graph contrastive learning over each section's spatial kNN graph (ST-GCHB).",
+            ),
+            click.option(
+                "--method-param",
+                "method_params",
+                multiple=True,
+                metavar="KEY=VALUE",
+                help="A method hyper-parameter, e.g. --method-param layers=2 (stgchb: graph_k, hidden, layers, beta, sigma, hsic_weight, dgi_weight, pretrain_epochs).",
+            ),
             click.option("--genes", "genes_file", type=click.Path(dir_okay=False), help="Gene panel: one symbol per line."),
-            click.option("--n-genes", type=int, default=defaults.n_genes, show_default=True, help="Else: this many highly variable genes of the training references."),
-            click.option("--backbone", show_default=f"{api.ModelConfig.backbone}, or the one registered --weights fit", help="Any timm model name (hf-hub:... names need network)."),
-            click.option("--weights", show_default="lite0-imagenet, unless --backbone is given", help="Backbone weights: a registered name (lite0-imagenet: ImageNet EfficientNet-Lite0, offline, sets the backbone), a local .safetensors/.pth file, 'timm' to download timm's, or 'none' for random initialisation."),
+            click.option(
+                "--n-genes", type=int, default=defaults.n_genes, show_default=True, help="Else: this many highly variable genes of the training references."
+            ),
+            click.option(
+                "--backbone",
+                show_default=f"{api.ModelConfig.backbone}, or the one registered --weights fit",
+                help="Any timm model name (hf-hub:... names need network).",
+            ),
+            click.option(
+                "--weights",
+                show_default="lite0-imagenet, unless --backbone is given",
+                help="Backbone weights: a registered name (lite0-imagenet: ImageNet EfficientNet-Lite0, offline, sets the backbone), a local .safetensors/.pth file, 'timm' to download timm's, or 'none' for random initialisation.",
+            ),
             click.option("--patch-um", type=float, default=defaults.patch_um, show_default=True, help="Patch side in micrometres."),
             click.option("--patch-px", type=int, default=defaults.patch_px, show_default=True, help="Patch side in pixels fed to the backbone."),
             click.option("--epochs", type=int, default=defaults.epochs, show_default=True),
@@ -133,8 +175,19 @@ def training_options(fn):
             click.option("--lr", type=float, default=defaults.lr, show_default=True, help="Backbone learning rate (AdamW)."),
             click.option("--head-lr", type=float, default=defaults.head_lr, show_default=True, help="Projection heads' learning rate."),
             click.option("--seed", type=int, default=defaults.seed, show_default=True),
-            click.option("--freeze-backbone/--fine-tune", default=defaults.freeze_backbone, show_default=True, help="Train only the projection heads on cached backbone features (far cheaper), or the whole network."),
-            click.option("--views", type=click.IntRange(1, 8), default=defaults.views, show_default=True, help="Dihedral views (rotations/flips) averaged when embedding a patch."),
+            click.option(
+                "--freeze-backbone/--fine-tune",
+                default=defaults.freeze_backbone,
+                show_default=True,
+                help="Train only the projection heads on cached backbone features (far cheaper), or the whole network.",
+            ),
+            click.option(
+                "--views",
+                type=click.IntRange(1, 8),
+                default=defaults.views,
+                show_default=True,
+                help="Dihedral views (rotations/flips) averaged when embedding a patch.",
+            ),
         ]
     ):
         fn = option(fn)
@@ -142,7 +195,22 @@ def training_options(fn):
 
 
 def _train_options(kwargs: dict) -> api.TrainOptions:
-    keys = ("method", "genes_file", "n_genes", "backbone", "weights", "patch_um", "patch_px", "epochs", "batch_size", "lr", "head_lr", "seed", "freeze_backbone", "views")
+    keys = (
+        "method",
+        "genes_file",
+        "n_genes",
+        "backbone",
+        "weights",
+        "patch_um",
+        "patch_px",
+        "epochs",
+        "batch_size",
+        "lr",
+        "head_lr",
+        "seed",
+        "freeze_backbone",
+        "views",
+    )
     if kwargs.get("weights") is not None and kwargs["weights"].lower() == "none":
         kwargs = {**kwargs, "weights": ""}  # explicit random initialisation
     return api.TrainOptions(**{k: kwargs[k] for k in keys}, method_params=_method_params(kwargs.get("method_params", ())))
@@ -201,9 +269,16 @@ def train(references, db, platform, image, mpp, spot_table, log_normalised, devi
 @click.argument("references", nargs=-1, required=True, type=click.Path(dir_okay=True))
 @click.option("--holdout", "holdouts", multiple=True, help="Section(s) to hold out, by name (file stem); default: each in turn.")
 @click.option("--platform", default="visium", show_default=True, help="visium or st (sets the spot size used for pixel size).")
-@click.option("--markers", default=",".join(("FASN", "SCD", "KRT8", "CD74", "MGP", "IGKC", "VIM", "MUC1")), show_default=True, help="Comma-separated marker genes scored as MG-n.")
+@click.option(
+    "--markers",
+    default=",".join(("FASN", "SCD", "KRT8", "CD74", "MGP", "IGKC", "VIM", "MUC1")),
+    show_default=True,
+    help="Comma-separated marker genes scored as MG-n.",
+)
 @click.option("--k", type=int, default=50, show_default=True, help="Neighbours averaged per spot.")
-@click.option("--baselines/--no-baselines", default=True, show_default=True, help="Also score mean expression, colour retrieval, frozen-feature retrieval and ridge.")
+@click.option(
+    "--baselines/--no-baselines", default=True, show_default=True, help="Also score mean expression, colour retrieval, frozen-feature retrieval and ridge."
+)
 @click.option("--out", type=click.Path(dir_okay=False), help="Write held-out predictions and truth (.parquet), keyed by section, system, spot.")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
 @click.option("--mpp", type=float, help="Micrometres per full-resolution pixel for every reference.")
@@ -222,8 +297,16 @@ def evaluate(references, holdouts, platform, markers, k, baselines, out, as_json
     """
     refs = [api.read_reference(r, platform=platform, mpp=mpp, log_normalised=log_normalised) for r in references]
     result = api.evaluate(
-        refs, holdouts=list(holdouts) or None, options=_train_options(kwargs), markers=[m.strip() for m in markers.split(",") if m.strip()],
-        k=k, baselines=baselines, out=out, device=device, cache=cache, log=_log,
+        refs,
+        holdouts=list(holdouts) or None,
+        options=_train_options(kwargs),
+        markers=[m.strip() for m in markers.split(",") if m.strip()],
+        k=k,
+        baselines=baselines,
+        out=out,
+        device=device,
+        cache=cache,
+        log=_log,
     )
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=1, default=str))
@@ -268,8 +351,17 @@ def ingest(reference, tissue, platform, species, dataset, model_id, db, image, m
     ref = api.read_reference(reference, image=image, platform=platform, name=dataset, mpp=mpp, spot_table=spot_table, log_normalised=log_normalised)
     with ProgressBars() as bars:
         result = api.ingest(
-            ref, db=db, tissue=tissue, platform=platform, species=species, model_id=model_id, train_options=_train_options(kwargs),
-            device=device, precision=precision, progress=bars, log=_log,
+            ref,
+            db=db,
+            tissue=tissue,
+            platform=platform,
+            species=species,
+            model_id=model_id,
+            train_options=_train_options(kwargs),
+            device=device,
+            precision=precision,
+            progress=bars,
+            log=_log,
         )
     if result.spots_version < 0:  # a torchrun process other than rank 0, which writes
         return
@@ -289,14 +381,25 @@ def ingest(reference, tissue, platform, species, dataset, model_id, db, image, m
 @click.option("--spots", "spots_file", type=click.Path(dir_okay=False), help="Predict at these positions: .h5ad, or CSV/Parquet with spot,x,y.")
 @click.option("--model", "model_id", help="Model id (default: the one model the store's spots were embedded by; required when there are several).")
 @click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--plot", "plot_genes", multiple=True, metavar="GENE", help="Also draw this gene over the slide into <out stem>.<GENE>.png (repeatable; needs --out).")
-@click.option("--search", "search_mode", type=click.Choice(["auto", "exact", "ann"]), default="auto", show_default=True, help="exact: in-memory matrix products over the filtered references; ann: LanceDB's vector index (histoindex index); auto: exact up to 2M candidates.")
+@click.option(
+    "--plot", "plot_genes", multiple=True, metavar="GENE", help="Also draw this gene over the slide into <out stem>.<GENE>.png (repeatable; needs --out)."
+)
+@click.option(
+    "--search",
+    "search_mode",
+    type=click.Choice(["auto", "exact", "ann"]),
+    default="auto",
+    show_default=True,
+    help="exact: in-memory matrix products over the filtered references; ann: LanceDB's vector index (histoindex index); auto: exact up to 2M candidates.",
+)
 @click.option("--workers", type=int, help="Background threads reading the slide (default: cores - 1, at most 8; 0 reads in the main thread).")
 @db_option
 @device_option
 @precision_option
 @handle_errors
-def query(slide, tissue, platform, species, where, k, out, mpp, as_of, spots_file, model_id, batch_size, plot_genes, search_mode, workers, db, device, precision):
+def query(
+    slide, tissue, platform, species, where, k, out, mpp, as_of, spots_file, model_id, batch_size, plot_genes, search_mode, workers, db, device, precision
+):
     """Impute expression over a slide by retrieval from the reference.
 
     Example:
@@ -309,12 +412,32 @@ def query(slide, tissue, platform, species, where, k, out, mpp, as_of, spots_fil
         raise click.BadParameter("must be 0 or more", param_hint="--workers")
     with ProgressBars() as bars:
         result = api.query(
-            slide, db=db, tissue=tissue, platform=platform, species=species, where=where, k=k, out=out, mpp=mpp,
-            as_of=as_of, spots=spots_file, model_id=model_id, device=device, batch_size=batch_size, plot=plot_genes,
-            search_mode=search_mode, precision=precision, workers=workers, keep_predictions=False, progress=bars, log=_log,
+            slide,
+            db=db,
+            tissue=tissue,
+            platform=platform,
+            species=species,
+            where=where,
+            k=k,
+            out=out,
+            mpp=mpp,
+            as_of=as_of,
+            spots=spots_file,
+            model_id=model_id,
+            device=device,
+            batch_size=batch_size,
+            plot=plot_genes,
+            search_mode=search_mode,
+            precision=precision,
+            workers=workers,
+            keep_predictions=False,
+            progress=bars,
+            log=_log,
         )
     target = f" → {result.out}" if result.out else ""
-    click.echo(f"{result.n_tiles} tiles × {len(result.genes)} genes, run {result.run_id}, spots@{result.spots_version}, predictions@{result.predictions_version}{target}")
+    click.echo(
+        f"{result.n_tiles} tiles × {len(result.genes)} genes, run {result.run_id}, spots@{result.spots_version}, predictions@{result.predictions_version}{target}"
+    )
     for picture in result.plots:
         click.echo(picture)
 
@@ -379,7 +502,10 @@ def _cell(value) -> str:
 @db_option
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 @click.option(
-    "--allow-files", "allow_files", multiple=True, type=click.Path(exists=True),
+    "--allow-files",
+    "allow_files",
+    multiple=True,
+    type=click.Path(exists=True),
     help="A file or folder the statement may also read (repeatable); never the store or a folder holding it.",
 )
 @handle_errors

@@ -118,10 +118,7 @@ class SpotSet:
             index = {g: i for i, g in enumerate(self.var_names)}
             missing = [g for g in genes if g not in index]
             if missing:
-                raise InputError(
-                    f"{len(missing)} of the model's genes are missing from {self.source or self.name} "
-                    f"(e.g. {', '.join(missing[:5])})"
-                )
+                raise InputError(f"{len(missing)} of the model's genes are missing from {self.source or self.name} (e.g. {', '.join(missing[:5])})")
             X = X[:, [index[g] for g in genes]]
         X = X.toarray() if sp.issparse(X) else np.asarray(X)
         X = X.astype(np.float32)

@@ -19,8 +19,18 @@ MARKER = ".histoindex-demo"
 
 #: small and fast on two CPU cores: a light backbone on 64 px patches of 110 µm
 DEMO_TRAINING = api.TrainOptions(
-    backbone="resnet10t", weights=None, freeze_backbone=False, views=1,
-    n_genes=48, patch_um=110.0, patch_px=64, epochs=12, batch_size=64, lr=1e-3, head_lr=1e-3, seed=0,
+    backbone="resnet10t",
+    weights=None,
+    freeze_backbone=False,
+    views=1,
+    n_genes=48,
+    patch_um=110.0,
+    patch_px=64,
+    epochs=12,
+    batch_size=64,
+    lr=1e-3,
+    head_lr=1e-3,
+    seed=0,
 )
 
 
@@ -68,7 +78,9 @@ def run_demo(workdir: str | Path = "histoindex-demo", *, training: api.TrainOpti
     log(f"5/6 histoindex query {heldout_tif.name} --tissue breast --out slide_predictions.h5ad  (tissue tiles on a grid)")
     grid = api.query(heldout_tif, db=db, tissue="breast", out=workdir / "slide_predictions.h5ad", device=device, log=log)
 
-    statement = "SELECT slide, count(*) AS tiles, round(avg(value), 3) AS mean_FASN FROM predictions_long WHERE gene = 'FASN' GROUP BY slide, run_id ORDER BY tiles"
+    statement = (
+        "SELECT slide, count(*) AS tiles, round(avg(value), 3) AS mean_FASN FROM predictions_long WHERE gene = 'FASN' GROUP BY slide, run_id ORDER BY tiles"
+    )
     log(f'6/6 histoindex sql "{statement}"')
     rows = api.sql(statement, db=db).to_pylist()
     for row in rows:

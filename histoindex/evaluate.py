@@ -11,8 +11,8 @@ import hashlib
 import os
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -83,10 +83,7 @@ class Evaluation:
     def summary(self) -> dict[str, dict[str, float]]:
         """Mean over folds of every score, per system."""
         systems = self.folds[0].scores.keys()
-        return {
-            s: {m: float(np.mean([f.scores[s][m] for f in self.folds])) for m in self.folds[0].scores[s]}
-            for s in systems
-        }
+        return {s: {m: float(np.mean([f.scores[s][m] for f in self.folds])) for m in self.folds[0].scores[s]} for s in systems}
 
     def predictions_table(self):
         """Held-out predictions and truth, one row per (section, system, spot), one column per
@@ -205,10 +202,12 @@ def evaluate(
         # exactly ingest → query --spots: each training section embedded as a reference (its own
         # graph for a graph method), the held-out spots as queries, exact top-k, mean profile
         train_expr = np.concatenate([r.normalized(genes) for r in train])
-        keys = np.concatenate([
-            method.embed_references(model, TrainSection(r.name, r.normalized(genes), r.xy * r.mpp, features=view_features[r.name]), device=torch_device)[1]
-            for r in train
-        ])
+        keys = np.concatenate(
+            [
+                method.embed_references(model, TrainSection(r.name, r.normalized(genes), r.xy * r.mpp, features=view_features[r.name]), device=torch_device)[1]
+                for r in train
+            ]
+        )
         queries = np.concatenate(list(method.query_encoder(model, test.xy * test.mpp, device=torch_device)([view_features[holdout]])))
         truth = test.normalized(genes)
         idx, _ = exact_topk(queries, keys, k)
@@ -243,5 +242,11 @@ def evaluate(
             )
         )
         log(f"fold {holdout}: " + "; ".join(f"{s} HEG {v['HEG-50']:.3f} HVG {v['HVG-50']:.3f}" for s, v in scores.items()))
-    config = {"options": {k2: getattr(options, k2) for k2 in options.__dataclass_fields__}, "k": k, "markers": list(markers), "device": str(torch_device), "precision": precision}
+    config = {
+        "options": {k2: getattr(options, k2) for k2 in options.__dataclass_fields__},
+        "k": k,
+        "markers": list(markers),
+        "device": str(torch_device),
+        "precision": precision,
+    }
     return Evaluation(folds=folds, config=config)

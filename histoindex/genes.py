@@ -38,9 +38,7 @@ def check_genes(references: Sequence[SpotSet], genes: Sequence[str]) -> list[str
     available = set(shared_genes(references))
     missing = [g for g in genes if g not in available]
     if missing:
-        raise InputError(
-            f"{len(missing)} requested gene(s) are not in every reference (e.g. {', '.join(missing[:5])})"
-        )
+        raise InputError(f"{len(missing)} requested gene(s) are not in every reference (e.g. {', '.join(missing[:5])})")
     return list(genes)
 
 

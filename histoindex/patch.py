@@ -153,15 +153,11 @@ def tile_grid(slide: Slide, *, tile_um: float, min_tissue: float = 0.5, thumb_si
     of the tile is tissue. Ids are ``r{row}_c{col}``; centres are level-0 pixels."""
     if slide.mpp is None:
         name = slide.path.name if slide.path else "the image"
-        raise MissingPixelSize(
-            f"{name} has no pixel size (µm per pixel) in its metadata; pass --mpp (e.g. --mpp 0.5 for a 20x scan)"
-        )
+        raise MissingPixelSize(f"{name} has no pixel size (µm per pixel) in its metadata; pass --mpp (e.g. --mpp 0.5 for a 20x scan)")
     side = tile_um / slide.mpp
     n_cols, n_rows = int(slide.width // side), int(slide.height // side)
     if n_cols == 0 or n_rows == 0:
-        raise InputError(
-            f"the slide ({slide.width}×{slide.height} px at {slide.mpp:.3g} µm/px) is smaller than one {tile_um:g} µm tile"
-        )
+        raise InputError(f"the slide ({slide.width}×{slide.height} px at {slide.mpp:.3g} µm/px) is smaller than one {tile_um:g} µm tile")
     thumb = slide.thumbnail(thumb_side)
     mask = tissue_mask(thumb)
     sy, sx = thumb.shape[0] / slide.height, thumb.shape[1] / slide.width

@@ -53,7 +53,12 @@ def predict(
     cfg = model.cfg
     method = get_method(cfg.method)
     patches = stream_patches(
-        open_slide, grid.xy, side_px=cfg.patch_um / grid.mpp, out_px=cfg.patch_px, batch_size=batch_size, workers=workers,
+        open_slide,
+        grid.xy,
+        side_px=cfg.patch_um / grid.mpp,
+        out_px=cfg.patch_px,
+        batch_size=batch_size,
+        workers=workers,
     )
     features = counted(iter_image_features(model, patches, device=device, precision=precision), "tiles", len(grid), progress)
     embeddings = method.query_encoder(model, grid.xy * grid.mpp, device=device)(features)

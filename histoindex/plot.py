@@ -180,7 +180,9 @@ def _draw_panel(ax, layer: _Layer, background: _Background, view, *, norm, cmap:
         um = _nice_length((x1 - x0) * mpp / 5)
         if um > 0:
             label = f"{um / 1000:g} mm" if um >= 1000 else f"{um:g} µm"
-            bar = AnchoredSizeBar(ax.transData, um / mpp, label, "lower right", pad=0.4, sep=3, frameon=True, size_vertical=max((y1 - y0) / 150, 1e-9), fontproperties={"size": 7})
+            bar = AnchoredSizeBar(
+                ax.transData, um / mpp, label, "lower right", pad=0.4, sep=3, frameon=True, size_vertical=max((y1 - y0) / 150, 1e-9), fontproperties={"size": 7}
+            )
             bar.patch.set_alpha(0.75)
             bar.patch.set_edgecolor("none")
             ax.add_artist(bar)
@@ -310,7 +312,9 @@ def render_predictions(
             _draw_panel(ax, layer, background, view, norm=norm, cmap=cmap, alpha=alpha if layer.square else spot_alpha, mpp=mpp)
             ax.set_title(label, fontsize=10, fontweight="bold" if col == n_cols - 1 else "normal")
         shown = np.concatenate([layer.values for layer, _ in panels])
-        extend = {(False, False): "neither", (True, False): "min", (False, True): "max", (True, True): "both"}[(bool(shown.min() < vmin), bool(shown.max() > vmax))]
+        extend = {(False, False): "neither", (True, False): "min", (False, True): "max", (True, True): "both"}[
+            (bool(shown.min() < vmin), bool(shown.max() > vmax))
+        ]
         bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(axes[row]), shrink=0.85, aspect=20, pad=0.02, extend=extend)
         bar.set_label(f"{gene}  ({pred.units})", fontsize=9)
         bar.ax.tick_params(labelsize=8)

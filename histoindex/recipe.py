@@ -79,8 +79,7 @@ def model_config(references: Sequence[SpotSet], options: TrainOptions) -> ModelC
             backbone = source.backbone
         elif backbone != source.backbone:
             raise InputError(
-                f"--weights {source.name} fits backbone {source.backbone}, not {backbone}; "
-                f"leave --backbone out or pass --backbone {source.backbone}"
+                f"--weights {source.name} fits backbone {source.backbone}, not {backbone}; leave --backbone out or pass --backbone {source.backbone}"
             )
         mean, std = source.mean, source.std
     else:
@@ -113,7 +112,9 @@ def model_config(references: Sequence[SpotSet], options: TrainOptions) -> ModelC
     )
 
 
-def frozen_features(model, reference: SpotSet, cfg: ModelConfig, *, device, precision: str, batch_size: int = 64, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+def frozen_features(
+    model, reference: SpotSet, cfg: ModelConfig, *, device, precision: str, batch_size: int = 64, progress: Callable[[int, int], None] | None = None
+) -> np.ndarray:
     """(n_spots, 8, n_features) backbone features of the 8 dihedral views of every spot's patch,
     patches streamed from the image (memory flat with the number of spots)."""
     from .embed import backbone_features
@@ -198,7 +199,9 @@ def train_model(
     for i, ref in enumerate(references):
         section = TrainSection(name=ref.name, expression=ref.normalized(list(cfg.genes)), xy_um=ref.xy * ref.mpp)
         if cfg.freeze_backbone:
-            section.features = features[i] if features is not None else frozen_features(model, ref, cfg, device=device, precision=precision, progress=feature_progress)
+            section.features = (
+                features[i] if features is not None else frozen_features(model, ref, cfg, device=device, precision=precision, progress=feature_progress)
+            )
         else:
             section.patches = spot_patches(ref, patch_um=cfg.patch_um, patch_px=cfg.patch_px)
         sections.append(section)

@@ -121,7 +121,9 @@ class Scope:
         for column, value in self.values.items():
             if column in rows.column_names and rows.num_rows and not pc.all(pc.equal(rows.column(column), value)).as_py():
                 found = sorted(set(rows.column(column).unique().to_pylist()) - {value})
-                raise StoreError(f"spots@{version}: the search for {column} = {value!r} read rows with {column} {', '.join(map(repr, found))}; refusing to mix them")
+                raise StoreError(
+                    f"spots@{version}: the search for {column} = {value!r} read rows with {column} {', '.join(map(repr, found))}; refusing to mix them"
+                )
 
 
 def build_filter(*, model_id: str, tissue: str | None = None, platform: str | None = None, species: str | None = None, where: str | None = None) -> str:
@@ -137,8 +139,7 @@ def check_filter_values(store: Store, *, version: int | None, model_id: str, **f
         present = store.distinct("spots", column, where=f"model_id = {sql_literal(model_id)}", version=version)
         if value not in present:
             raise UnknownValue(
-                f"no reference spots with {column} {value!r} (model {model_id}); "
-                f"{column} values present: {', '.join(map(str, present)) or 'none'}"
+                f"no reference spots with {column} {value!r} (model {model_id}); {column} values present: {', '.join(map(str, present)) or 'none'}"
             )
 
 

@@ -97,7 +97,7 @@ def _explained(text: str) -> str | None:
     rest = words[1:]
     if rest and rest[0][1].upper() in ("ANALYZE", "ANALYSE"):
         rest = rest[1:]
-    return text.encode()[rest[0][0]:].decode() if rest else None
+    return text.encode()[rest[0][0] :].decode() if rest else None
 
 
 def check_statement(text: str) -> None:
@@ -121,8 +121,7 @@ def check_statement(text: str) -> None:
         if len(inner_statements) == 1 and inner_statements[0].type == duckdb.StatementType.SELECT:
             return
         if inner is None or not inner_statements:
-            raise SqlError(f"histoindex sql runs one read-only statement ({READ_ONLY_KINDS}); "
-                           "EXPLAIN takes no options here: write EXPLAIN [ANALYZE] SELECT …")
+            raise SqlError(f"histoindex sql runs one read-only statement ({READ_ONLY_KINDS}); EXPLAIN takes no options here: write EXPLAIN [ANALYZE] SELECT …")
         refused = f"EXPLAIN {_first_keyword(inner) or inner_statements[0].type.name}"
     raise SqlError(f"histoindex sql runs one read-only statement ({READ_ONLY_KINDS}); got {refused}")
 
@@ -179,8 +178,10 @@ def _store_dir(store: Store | None) -> Path | None:
 
 
 def _refuse_store(path: Path, shown: str, store_dir: Path) -> None:
-    raise SqlError(f"histoindex sql does not read files inside the store ({store_dir}): {shown!r}; "
-                   "query its tables (spots, predictions, models and the *_long views) instead")
+    raise SqlError(
+        f"histoindex sql does not read files inside the store ({store_dir}): {shown!r}; "
+        "query its tables (spots, predictions, models and the *_long views) instead"
+    )
 
 
 def named_files(text: str, store_dir: Path | None) -> tuple[list[str], list[str]]:
@@ -223,8 +224,9 @@ def allowed_files(allow_files: Iterable[str | Path], store_dir: Path | None) -> 
         if not real.exists():
             raise SqlError(f"--allow-files {item}: no such file or directory")
         if store_dir is not None and (_inside(real, store_dir) or _inside(store_dir, real)):
-            raise SqlError(f"--allow-files {item}: the store ({store_dir}) cannot be opened to file reads; "
-                           "name a file or folder that neither is in the store nor holds it")
+            raise SqlError(
+                f"--allow-files {item}: the store ({store_dir}) cannot be opened to file reads; name a file or folder that neither is in the store nor holds it"
+            )
         (dirs if real.is_dir() else paths).append(str(real))
         if os.path.abspath(os.path.expanduser(str(item))) != str(real):  # the path as written, too
             (dirs if real.is_dir() else paths).append(os.path.abspath(os.path.expanduser(str(item))))

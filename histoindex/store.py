@@ -14,12 +14,12 @@ from typing import Any
 
 import lancedb
 import numpy as np
-from lancedb.util import get_uri_scheme
-from lancedb.index import Bitmap, BTree, LabelList
 import pyarrow as pa
+from lancedb.index import Bitmap, BTree, LabelList
+from lancedb.util import get_uri_scheme
 
-from .errors import StoreError, UnknownValue
 from .config import ModelConfig
+from .errors import StoreError, UnknownValue
 from .schemas import PRIMARY_KEY_METADATA, TABLES, conform, layout
 
 _INDEX_CONFIGS = {"bitmap": Bitmap, "btree": BTree, "label_list": LabelList}
@@ -221,14 +221,7 @@ class Store:
 
     def model_weights(self, model_id: str) -> bytes:
         """The safetensors bytes of model ``model_id`` (only that row's weights are read)."""
-        rows = (
-            self._models_table()
-            .search()
-            .where(f"model_id = {sql_literal(model_id)}")
-            .select([WEIGHTS])
-            .limit(None)
-            .to_arrow()
-        )
+        rows = self._models_table().search().where(f"model_id = {sql_literal(model_id)}").select([WEIGHTS]).limit(None).to_arrow()
         if rows.num_rows == 0:
             raise UnknownValue(f"no model {model_id!r} in the store at {self.uri}")
         return rows.column(WEIGHTS)[0].as_py()
@@ -482,8 +475,18 @@ def has_vector_index(tbl) -> bool:
 
 
 def prediction_rows(
-    *, run_id: str, slide: str, ids: np.ndarray, xy: np.ndarray, mpp: float, values: np.ndarray, model_id: str,
-    spots_version: int, predicate: str, k: int, created_at: datetime,
+    *,
+    run_id: str,
+    slide: str,
+    ids: np.ndarray,
+    xy: np.ndarray,
+    mpp: float,
+    values: np.ndarray,
+    model_id: str,
+    spots_version: int,
+    predicate: str,
+    k: int,
+    created_at: datetime,
 ) -> pa.Table:
     """Arrow rows for the predictions table (column layout from schemas/predictions.json)."""
     n, n_genes = values.shape
@@ -501,7 +504,9 @@ def prediction_rows(
             "filter": [predicate] * n,
             "k": np.full(n, k, np.int32),
             "created_at": pa.array([created_at] * n, pa.timestamp("us", tz="UTC")),
-            "expression": pa.ListArray.from_arrays(pa.array(np.arange(0, (n + 1) * n_genes, n_genes, dtype=np.int32)), pa.array(np.ascontiguousarray(values, np.float32).ravel())),
+            "expression": pa.ListArray.from_arrays(
+                pa.array(np.arange(0, (n + 1) * n_genes, n_genes, dtype=np.int32)), pa.array(np.ascontiguousarray(values, np.float32).ravel())
+            ),
         }
     )
 

@@ -20,7 +20,29 @@ from histoindex.synthetic import make_section, write_section  # noqa: E402
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 #: a fast model for tests: light backbone, small patches, a few epochs
-TRAIN_ARGS = ["--backbone", "resnet10t", "--weights", "none", "--fine-tune", "--views", "1", "--batch-size", "64", "--patch-px", "64", "--patch-um", "110", "--epochs", "8", "--n-genes", "48", "--lr", "1e-3", "--seed", "0"]
+TRAIN_ARGS = [
+    "--backbone",
+    "resnet10t",
+    "--weights",
+    "none",
+    "--fine-tune",
+    "--views",
+    "1",
+    "--batch-size",
+    "64",
+    "--patch-px",
+    "64",
+    "--patch-um",
+    "110",
+    "--epochs",
+    "8",
+    "--n-genes",
+    "48",
+    "--lr",
+    "1e-3",
+    "--seed",
+    "0",
+]
 
 
 def run(*args: str, ok: bool = True):

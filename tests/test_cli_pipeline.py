@@ -101,8 +101,12 @@ def test_sql_per_gene_analytics_in_one_statement(store, sections, tmp_path):
     out = tmp_path / "grid.parquet"
     run("query", sections.heldout_tif, "--tissue", "breast", "--out", out, "--db", store)
     result = run(
-        "sql", "SELECT slide, avg(value) AS fasn FROM predictions_long WHERE gene = 'FASN' GROUP BY slide",
-        "--db", store, "--format", "json",
+        "sql",
+        "SELECT slide, avg(value) AS fasn FROM predictions_long WHERE gene = 'FASN' GROUP BY slide",
+        "--db",
+        store,
+        "--format",
+        "json",
     )
     (row,) = json.loads(result.stdout)
     expected = pl.read_parquet(out)["FASN"].mean()

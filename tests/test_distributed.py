@@ -22,8 +22,9 @@ from histoindex.recipe import train_model
 WORLD = 2
 N_SPOTS, N_GENES = 20, 6
 #: dropout 0 and a backbone without batch norm: the only per-process randomness and statistics
-BASE = ModelConfig(backbone="test_vit", patch_px=32, patch_um=16.0, embed_dim=16, dropout=0.0,
-                   genes=tuple(f"G{i}" for i in range(N_GENES)), epochs=3, batch_size=8, seed=3)
+BASE = ModelConfig(
+    backbone="test_vit", patch_px=32, patch_um=16.0, embed_dim=16, dropout=0.0, genes=tuple(f"G{i}" for i in range(N_GENES)), epochs=3, batch_size=8, seed=3
+)
 CASES = {
     "end_to_end": BASE,
     "frozen_heads": BASE.replace(freeze_backbone=True),
@@ -33,10 +34,14 @@ CASES = {
 def _reference() -> SpotSet:
     rng = np.random.default_rng(0)
     return SpotSet(
-        name="syn", X=rng.poisson(5.0, size=(N_SPOTS, N_GENES)).astype(np.float32),
-        obs_names=np.array([f"s{i}" for i in range(N_SPOTS)]), var_names=np.array(BASE.genes),
-        xy=rng.uniform(20, 100, size=(N_SPOTS, 2)), mpp=1.0,
-        image=ImageRef(array=rng.integers(0, 256, size=(120, 120, 3), dtype=np.uint8)), is_counts=True,
+        name="syn",
+        X=rng.poisson(5.0, size=(N_SPOTS, N_GENES)).astype(np.float32),
+        obs_names=np.array([f"s{i}" for i in range(N_SPOTS)]),
+        var_names=np.array(BASE.genes),
+        xy=rng.uniform(20, 100, size=(N_SPOTS, 2)),
+        mpp=1.0,
+        image=ImageRef(array=rng.integers(0, 256, size=(120, 120, 3), dtype=np.uint8)),
+        is_counts=True,
     )
 
 
@@ -141,10 +146,36 @@ def test_torchrun_ingest_trains_on_every_rank_and_writes_once(sections, tmp_path
     db = tmp_path / "db"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-        "-m", "histoindex.cli", "ingest", str(sections.train_h5ad), "--tissue", "breast", "--db", str(db),
-        "--backbone", "test_resnet", "--weights", "none", "--fine-tune", "--views", "1", "--patch-px", "32",
-        "--epochs", "2", "--n-genes", "16", "--batch-size", "16",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "histoindex.cli",
+        "ingest",
+        str(sections.train_h5ad),
+        "--tissue",
+        "breast",
+        "--db",
+        str(db),
+        "--backbone",
+        "test_resnet",
+        "--weights",
+        "none",
+        "--fine-tune",
+        "--views",
+        "1",
+        "--patch-px",
+        "32",
+        "--epochs",
+        "2",
+        "--n-genes",
+        "16",
+        "--batch-size",
+        "16",
     ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr

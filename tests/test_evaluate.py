@@ -18,8 +18,18 @@ from .conftest import TRAIN_ARGS, run
 def test_evaluate_cli_scores_model_and_baselines_and_writes_rescorable_predictions(sections, tmp_path):
     out = tmp_path / "heldout.parquet"
     result = run(
-        "evaluate", sections.train_h5ad, sections.other_h5ad, sections.heldout_h5ad,
-        "--holdout", "syn-heldout", "--markers", "FASN,CD74,VIM,NOT_IN_PANEL", "--out", out, "--json", *TRAIN_ARGS,
+        "evaluate",
+        sections.train_h5ad,
+        sections.other_h5ad,
+        sections.heldout_h5ad,
+        "--holdout",
+        "syn-heldout",
+        "--markers",
+        "FASN,CD74,VIM,NOT_IN_PANEL",
+        "--out",
+        out,
+        "--json",
+        *TRAIN_ARGS,
     )
     report = json.loads(result.stdout)
     (fold,) = report["folds"]
@@ -73,10 +83,39 @@ def test_gene_sets_are_defined_on_truth():
 def test_evaluate_gives_what_the_cli_chain_gives(sections, tmp_path):
     """A fold of `evaluate` runs the code users run: train on the training sections, ingest them,
     query the held-out slide at its spots — the same predictions, to float rounding."""
-    frozen = ["--backbone", "resnet10t", "--weights", "none", "--freeze-backbone", "--views", "2", "--patch-px", "64", "--patch-um", "110",
-              "--epochs", "4", "--n-genes", "48", "--seed", "3"]
+    frozen = [
+        "--backbone",
+        "resnet10t",
+        "--weights",
+        "none",
+        "--freeze-backbone",
+        "--views",
+        "2",
+        "--patch-px",
+        "64",
+        "--patch-um",
+        "110",
+        "--epochs",
+        "4",
+        "--n-genes",
+        "48",
+        "--seed",
+        "3",
+    ]
     out = tmp_path / "fold.parquet"
-    run("evaluate", sections.train_h5ad, sections.other_h5ad, sections.heldout_h5ad, "--holdout", "syn-heldout", "--no-baselines", "--out", out, "--json", *frozen)
+    run(
+        "evaluate",
+        sections.train_h5ad,
+        sections.other_h5ad,
+        sections.heldout_h5ad,
+        "--holdout",
+        "syn-heldout",
+        "--no-baselines",
+        "--out",
+        out,
+        "--json",
+        *frozen,
+    )
     evaluated = pl.read_parquet(out).filter(pl.col("system") == "histoindex")
 
     db, queried = tmp_path / "db", tmp_path / "query.parquet"

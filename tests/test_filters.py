@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
+from histoindex import api
 from histoindex.embed import embed_images
 from histoindex.models import load_model
 from histoindex.patch import spot_patches
-from histoindex import api
 from histoindex.search import References, Scope, search
 from histoindex.store import Store
 

@@ -16,9 +16,9 @@ from histoindex._compat import import_timm
 from histoindex.config import ModelConfig
 from histoindex.errors import InputError, UnknownModel
 from histoindex.models import create_backbone, create_model, get_pretrained, list_pretrained, load_backbone_weights
-from histoindex.recipe import TrainOptions, model_config
 from histoindex.models.layers import ImageNormalize
 from histoindex.models.pretrained import lukemelas_to_timm
+from histoindex.recipe import TrainOptions, model_config
 from histoindex.store import Store
 
 from .conftest import SHARED_DATA, run
@@ -280,7 +280,10 @@ def test_cli_rejects_registered_weights_with_another_backbone(sections, tmp_path
     db = tmp_path / "db"
     result = run("train", sections.train_h5ad, "--backbone", "resnet18", "--weights", NAME, *TINY, "--db", db, ok=False)
     assert result.exit_code == 1
-    assert "Error: --weights lite0-imagenet fits backbone tf_efficientnet_lite0, not resnet18; leave --backbone out or pass --backbone tf_efficientnet_lite0" in result.output
+    assert (
+        "Error: --weights lite0-imagenet fits backbone tf_efficientnet_lite0, not resnet18; leave --backbone out or pass --backbone tf_efficientnet_lite0"
+        in result.output
+    )
     assert not db.exists()
 
 
@@ -289,5 +292,24 @@ def test_cli_default_weights_are_the_offline_imagenet_ones(sections, tmp_path):
     run("train", sections.train_h5ad, "--db", tmp_path / "db", "--patch-px", "32", "--epochs", "1", "--n-genes", "16", "--batch-size", "16", "--views", "1")
     cfg = Store(tmp_path / "db").model().cfg
     assert (cfg.backbone, cfg.weights, cfg.freeze_backbone) == (BACKBONE, NAME, True)
-    run("train", sections.train_h5ad, "--db", tmp_path / "db2", "--weights", "none", "--backbone", "test_resnet", "--patch-px", "32", "--epochs", "1", "--n-genes", "16", "--batch-size", "16", "--views", "1")
+    run(
+        "train",
+        sections.train_h5ad,
+        "--db",
+        tmp_path / "db2",
+        "--weights",
+        "none",
+        "--backbone",
+        "test_resnet",
+        "--patch-px",
+        "32",
+        "--epochs",
+        "1",
+        "--n-genes",
+        "16",
+        "--batch-size",
+        "16",
+        "--views",
+        "1",
+    )
     assert Store(tmp_path / "db2").model().cfg.weights == ""

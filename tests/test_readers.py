@@ -307,9 +307,37 @@ def test_cli_ingests_legacy_st_counts(shared_data, tmp_path):
 
     paths = her2st("C5")
     db = tmp_path / "db"
-    args = ["ingest", paths["counts"], "--spot-table", paths["spots"], "--image", paths["image"], "--platform", "st",
-            "--tissue", "breast", "--db", db, "--backbone", "test_resnet", "--weights", "none", "--fine-tune", "--views", "1", "--patch-um", "110", "--patch-px", "32", "--epochs", "1",
-            "--n-genes", "20", "--batch-size", "16"]
+    args = [
+        "ingest",
+        paths["counts"],
+        "--spot-table",
+        paths["spots"],
+        "--image",
+        paths["image"],
+        "--platform",
+        "st",
+        "--tissue",
+        "breast",
+        "--db",
+        db,
+        "--backbone",
+        "test_resnet",
+        "--weights",
+        "none",
+        "--fine-tune",
+        "--views",
+        "1",
+        "--patch-um",
+        "110",
+        "--patch-px",
+        "32",
+        "--epochs",
+        "1",
+        "--n-genes",
+        "20",
+        "--batch-size",
+        "16",
+    ]
     result = CliRunner().invoke(cli, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     expected = read_st(paths["counts"], spots=paths["spots"], image=paths["image"])

@@ -34,10 +34,40 @@ def test_exact_ann_and_lancedb_flat_agree(store, sections, tmp_path):
     outs = {}
     for mode in ("exact", "ann"):  # ann without an index = LanceDB's flat scan
         outs[mode] = tmp_path / f"{mode}.parquet"
-        run("query", sections.heldout_tif, "--tissue", "breast", "--spots", sections.heldout_h5ad, "--k", "20", "--search", mode, "--out", outs[mode], "--db", store)
+        run(
+            "query",
+            sections.heldout_tif,
+            "--tissue",
+            "breast",
+            "--spots",
+            sections.heldout_h5ad,
+            "--k",
+            "20",
+            "--search",
+            mode,
+            "--out",
+            outs[mode],
+            "--db",
+            store,
+        )
     run("index", "--db", store, "--type", "IVF_FLAT", "--partitions", "4")
     outs["indexed"] = tmp_path / "indexed.parquet"
-    run("query", sections.heldout_tif, "--tissue", "breast", "--spots", sections.heldout_h5ad, "--k", "20", "--search", "ann", "--out", outs["indexed"], "--db", store)
+    run(
+        "query",
+        sections.heldout_tif,
+        "--tissue",
+        "breast",
+        "--spots",
+        sections.heldout_h5ad,
+        "--k",
+        "20",
+        "--search",
+        "ann",
+        "--out",
+        outs["indexed"],
+        "--db",
+        store,
+    )
     frames = {m: pl.read_parquet(p) for m, p in outs.items()}
     genes = [c for c in frames["exact"].columns if c not in ("slide", "spot", "x", "y", "x_um", "y_um")]
     exact = frames["exact"].select(genes).to_numpy()

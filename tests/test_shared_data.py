@@ -32,10 +32,7 @@ def need(*paths: Path) -> None:
     """Skip the calling test when any of ``paths`` is missing from ../shared/data."""
     missing = [p for p in paths if not p.exists()]
     if missing:
-        pytest.skip(
-            f"real test data not found: {', '.join(str(p) for p in missing)} "
-            f"(expected ../shared/data beside the repo, at {DATA})"
-        )
+        pytest.skip(f"real test data not found: {', '.join(str(p) for p in missing)} (expected ../shared/data beside the repo, at {DATA})")
 
 
 def invoke(args: list[str]):
@@ -98,9 +95,8 @@ def test_visium_crop_reads_as_log_normalised_reference_with_patches():
     import anndata
 
     from histoindex import api
-    from histoindex.patch import spot_patches
-
     from histoindex.errors import InputError
+    from histoindex.patch import spot_patches
 
     # X is log1p(CP10k) of 1,999 highly variable genes (expm1 sums to ~4-7k, not 10k) and the file
     # keeps no raw counts: histoindex cannot check it, so the user must say so
@@ -137,8 +133,38 @@ def brain_store(tmp_path_factory):
     root = tmp_path_factory.mktemp("shared-data-e2e")
     db, out = root / "db", root / "x.parquet"
     ingest = invoke(
-        ["ingest", VISIUM_H5AD, "--image", VISIUM_IMG, "--log-normalised", "--tissue", "brain", "--platform", "visium", "--species", "mouse",
-         "--db", db, "--backbone", "test_resnet", "--weights", "none", "--fine-tune", "--views", "1", "--patch-um", "110", "--patch-px", "32", "--epochs", "1", "--n-genes", "20", "--batch-size", "16"]
+        [
+            "ingest",
+            VISIUM_H5AD,
+            "--image",
+            VISIUM_IMG,
+            "--log-normalised",
+            "--tissue",
+            "brain",
+            "--platform",
+            "visium",
+            "--species",
+            "mouse",
+            "--db",
+            db,
+            "--backbone",
+            "test_resnet",
+            "--weights",
+            "none",
+            "--fine-tune",
+            "--views",
+            "1",
+            "--patch-um",
+            "110",
+            "--patch-px",
+            "32",
+            "--epochs",
+            "1",
+            "--n-genes",
+            "20",
+            "--batch-size",
+            "16",
+        ]
     )
     assert ingest.exit_code == 0, describe(ingest)
     query = invoke(["query", SVS, "--db", db, "--tissue", "brain", "--k", "5", "--out", out])

@@ -31,11 +31,7 @@ WHOLE_FILES = "histoindex sql reads data files (Parquet, CSV, JSON), not whole f
 # ---- helpers --------------------------------------------------------------------------------
 def snapshot(db: Path) -> dict[str, str]:
     """Every file of the store, by relative path, with its SHA-256."""
-    return {
-        str(p.relative_to(db)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(db.rglob("*"))
-        if p.is_file()
-    }
+    return {str(p.relative_to(db)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(db.rglob("*")) if p.is_file()}
 
 
 def latest_manifest(db: Path) -> Path:
@@ -232,8 +228,12 @@ def test_parquet_and_csv_files_written_here(guarded, tmp_path):
     pl.DataFrame({"dataset": ["train", "other"], "w": [2, 3]}).write_parquet(tmp_path / "weights.parquet")
     pl.DataFrame({"a": [1, 2, 3]}).write_csv(tmp_path / "a.csv")
     result = run(
-        "sql", f"SELECT sum(w) AS n FROM spots JOIN '{tmp_path / 'weights.parquet'}' USING (dataset)",
-        "--db", guarded, "--format", "csv",
+        "sql",
+        f"SELECT sum(w) AS n FROM spots JOIN '{tmp_path / 'weights.parquet'}' USING (dataset)",
+        "--db",
+        guarded,
+        "--format",
+        "csv",
     )
     assert result.stdout.splitlines() == ["n", str(2 * Store(guarded).table("spots").count_rows())]
     result = run("sql", f"SELECT sum(a) AS s FROM read_csv('{tmp_path / 'a.csv'}')", "--db", guarded, "--format", "csv")

@@ -79,6 +79,7 @@ def test_hsic_measures_dependence():
     independent, identical = float(hsic(x, y, sx, sy)), float(hsic(x, x, sx, sx))
     assert abs(independent) < 0.01
     assert identical > 0.01 and identical > 20 * abs(independent)
+
     # nHSIC is in [0, 1] and at most √(b_X b_Y), b = H/(1+H) (Cauchy–Schwarz): reached for X with itself
     def ceiling(t: torch.Tensor, sigma: float) -> float:
         h = float(hsic(t, t, sigma, sigma))
@@ -294,7 +295,7 @@ def test_training_lowers_the_loss_is_deterministic_and_round_trips():
     for seed in (0, 0, 1):
         model = build(cfg)
         calls = []
-        history = train_stgchb(model, sections, cfg, generator=torch.Generator().manual_seed(seed), progress=lambda *a: calls.append(a))
+        history = train_stgchb(model, sections, cfg, generator=torch.Generator().manual_seed(seed), progress=lambda *a, calls=calls: calls.append(a))
         runs.append((model, history))
     (model, history), (twin, twin_history), (_, other_history) = runs
     params = StgchbParams.from_cfg(cfg)

@@ -17,9 +17,31 @@ from histoindex.store import Store
 from .conftest import run
 
 STGCHB_ARGS = [
-    "--method", "stgchb", "--method-param", "pretrain_epochs=3", "--method-param", "hidden=64",
-    "--backbone", "resnet10t", "--weights", "none", "--freeze-backbone", "--views", "1",
-    "--patch-px", "64", "--patch-um", "110", "--epochs", "40", "--n-genes", "48", "--lr", "1e-3", "--seed", "0",
+    "--method",
+    "stgchb",
+    "--method-param",
+    "pretrain_epochs=3",
+    "--method-param",
+    "hidden=64",
+    "--backbone",
+    "resnet10t",
+    "--weights",
+    "none",
+    "--freeze-backbone",
+    "--views",
+    "1",
+    "--patch-px",
+    "64",
+    "--patch-um",
+    "110",
+    "--epochs",
+    "40",
+    "--n-genes",
+    "48",
+    "--lr",
+    "1e-3",
+    "--seed",
+    "0",
 ]
 
 
@@ -78,7 +100,13 @@ def test_graph_query_does_not_depend_on_how_the_slide_streams(stgchb_store, sect
 
 def test_evaluate_the_graph_method_with_its_spatial_baseline(sections):
     result = run(
-        "evaluate", sections.train_h5ad, sections.other_h5ad, sections.heldout_h5ad, "--holdout", "syn-heldout", "--json",
+        "evaluate",
+        sections.train_h5ad,
+        sections.other_h5ad,
+        sections.heldout_h5ad,
+        "--holdout",
+        "syn-heldout",
+        "--json",
         *STGCHB_ARGS,
     )
     report = json.loads(result.stdout)

@@ -17,9 +17,26 @@ from histoindex.store import WEIGHTS, Store
 
 from .conftest import run
 
-
 #: a tiny model: seconds to train, deterministic for a seed
-TINY = ["--backbone", "test_resnet", "--weights", "none", "--fine-tune", "--views", "1", "--patch-px", "32", "--epochs", "2", "--n-genes", "16", "--batch-size", "32", "--seed", "0"]
+TINY = [
+    "--backbone",
+    "test_resnet",
+    "--weights",
+    "none",
+    "--fine-tune",
+    "--views",
+    "1",
+    "--patch-px",
+    "32",
+    "--epochs",
+    "2",
+    "--n-genes",
+    "16",
+    "--batch-size",
+    "32",
+    "--seed",
+    "0",
+]
 
 
 def test_cli_pipeline_on_a_file_uri_matches_a_plain_path_store(sections, tmp_path, monkeypatch):

@@ -27,7 +27,11 @@ def test_background_readers_return_the_serial_patches_in_order(sections):
         slide.close()
     assert len(serial) == len(grid) > 50
     for workers, batch_size, prefetch in ((0, 16, None), (1, 16, None), (3, 7, 2)):
-        batches = list(stream_patches(lambda: open_slide(sections.heldout_tif), grid.xy, side_px=110 / grid.mpp, out_px=48, batch_size=batch_size, workers=workers, prefetch=prefetch))
+        batches = list(
+            stream_patches(
+                lambda: open_slide(sections.heldout_tif), grid.xy, side_px=110 / grid.mpp, out_px=48, batch_size=batch_size, workers=workers, prefetch=prefetch
+            )
+        )
         assert [len(b) for b in batches[:-1]] == [batch_size] * (len(batches) - 1)
         np.testing.assert_array_equal(np.concatenate(batches), serial)
 

@@ -47,8 +47,16 @@ def test_pearson_constant_prediction_scores_zero_not_nan():
 
 def _spots(X, genes):
     n = X.shape[0]
-    return SpotSet(name="t", X=X, obs_names=np.array([f"s{i}" for i in range(n)]), var_names=np.array(genes),
-                   xy=np.zeros((n, 2)), mpp=1.0, image=ImageRef(array=np.zeros((4, 4, 3), np.uint8)), is_counts=True)
+    return SpotSet(
+        name="t",
+        X=X,
+        obs_names=np.array([f"s{i}" for i in range(n)]),
+        var_names=np.array(genes),
+        xy=np.zeros((n, 2)),
+        mpp=1.0,
+        image=ImageRef(array=np.zeros((4, 4, 3), np.uint8)),
+        is_counts=True,
+    )
 
 
 def test_hvg_picks_the_overdispersed_genes():
@@ -118,15 +126,22 @@ def test_hvg_matches_scanpy_on_her2st(n_top):
         pytest.skip(f"no HER2ST data at {HER2ST}")
     from histoindex.io.st import read_st
 
-    ref = read_st(HER2ST / "counts" / "C2.tsv.gz", spots=HER2ST / "spots" / "C2_selection.tsv",
-                  image=HER2ST / "images" / "C2.jpg")
+    ref = read_st(HER2ST / "counts" / "C2.tsv.gz", spots=HER2ST / "spots" / "C2_selection.tsv", image=HER2ST / "images" / "C2.jpg")
     _check_hvg_like_scanpy([ref], n_top)
 
 
 def test_spotset_checks_alignment():
     with pytest.raises(InputError, match="spot positions have shape"):
-        SpotSet(name="t", X=np.zeros((3, 2)), obs_names=np.array(["a", "b", "c"]), var_names=np.array(["g", "h"]),
-                xy=np.zeros((2, 2)), mpp=1.0, image=ImageRef(array=np.zeros((4, 4, 3), np.uint8)), is_counts=True)
+        SpotSet(
+            name="t",
+            X=np.zeros((3, 2)),
+            obs_names=np.array(["a", "b", "c"]),
+            var_names=np.array(["g", "h"]),
+            xy=np.zeros((2, 2)),
+            mpp=1.0,
+            image=ImageRef(array=np.zeros((4, 4, 3), np.uint8)),
+            is_counts=True,
+        )
 
 
 def test_normalisation_is_log1p_cp10k():
@@ -171,8 +186,7 @@ def test_bleep_loss_matches_the_reference_formula(temperature):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     # unit-length embeddings as well (the similarities then lie in [-1, 1])
     image, spot = torch.nn.functional.normalize(image, dim=-1), torch.nn.functional.normalize(spot, dim=-1)
-    torch.testing.assert_close(bleep_loss(image, spot, temperature), _reference_bleep_loss(image, spot, temperature),
-                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(bleep_loss(image, spot, temperature), _reference_bleep_loss(image, spot, temperature), rtol=1e-6, atol=1e-6)
 
 
 def _view_of(original, augmented):

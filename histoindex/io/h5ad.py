@@ -150,8 +150,7 @@ def read_h5ad(
     where = f"{path}"
     if "spatial" not in adata.obsm:
         raise InputError(
-            f"{where} has no obsm['spatial'] (spot centres in full-resolution pixels); "
-            "is this a spatial dataset in the scanpy/squidpy Visium layout?"
+            f"{where} has no obsm['spatial'] (spot centres in full-resolution pixels); is this a spatial dataset in the scanpy/squidpy Visium layout?"
         )
     xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2]
     if not np.isfinite(xy).all():
@@ -170,8 +169,15 @@ def read_h5ad(
     image_ref = _image_ref(path, adata, lib, image, scalefactors)
     rows, cols = array_coordinates(adata.obs)
     size = reference_pixel_size(
-        mpp=mpp, image_path=image_ref.path, image_scale=image_ref.scale, xy_px=xy, platform=platform,
-        array_rows=rows, array_cols=cols, spot_diameter_px=diameter, where=where,
+        mpp=mpp,
+        image_path=image_ref.path,
+        image_scale=image_ref.scale,
+        xy_px=xy,
+        platform=platform,
+        array_rows=rows,
+        array_cols=cols,
+        spot_diameter_px=diameter,
+        where=where,
         diameter_source="uns['spatial'][...]['scalefactors']['spot_diameter_fullres']",
     )
 

@@ -186,6 +186,13 @@ def _read_h5ad(path: Path, genes: Sequence[str]) -> Predictions:
     finally:
         adata.file.close()
     return Predictions(
-        path=path, slide=str(slide), id_column=id_column, ids=ids, xy=xy, genes=tuple(available),
-        values=values, loaded=tuple(genes), provenance=provenance,
+        path=path,
+        slide=str(slide),
+        id_column=id_column,
+        ids=ids,
+        xy=xy,
+        genes=tuple(available),
+        values=values,
+        loaded=tuple(genes),
+        provenance=provenance,
     )

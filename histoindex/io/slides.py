@@ -14,7 +14,6 @@ from PIL import Image
 from ..errors import InputError
 
 
-
 @contextlib.contextmanager
 def _large_images_allowed():
     """H&E JPEGs are routinely larger than Pillow's decompression-bomb guard: lift it while a slide
@@ -25,6 +24,7 @@ def _large_images_allowed():
         yield
     finally:
         Image.MAX_IMAGE_PIXELS = saved
+
 
 WSI_SUFFIXES = {".svs", ".ndpi", ".tif", ".tiff", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide"}
 PLAIN_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
@@ -177,10 +177,7 @@ def open_slide(path: str | Path, *, mpp: float | None = None) -> Slide:
         except Exception as exc:
             raise InputError(f"cannot read image {path}: {exc}") from exc
         return ArraySlide(array, mpp=mpp, path=path)
-    raise InputError(
-        f"unsupported image type {suffix!r} for {path}; expected one of "
-        f"{', '.join(sorted(WSI_SUFFIXES | PLAIN_SUFFIXES))}"
-    )
+    raise InputError(f"unsupported image type {suffix!r} for {path}; expected one of {', '.join(sorted(WSI_SUFFIXES | PLAIN_SUFFIXES))}")
 
 
 def image_mpp(path: str | Path) -> float | None:

@@ -208,9 +208,16 @@ def read_spaceranger(
     diameter = float(diameter) if diameter else None
     image_ref = _image_ref(spatial, image, scalefactors)
     size = reference_pixel_size(
-        mpp=mpp, image_path=image_ref.path, image_scale=image_ref.scale, xy_px=xy, platform=platform,
-        array_rows=rows["array_row"].to_numpy(np.float64), array_cols=rows["array_col"].to_numpy(np.float64),
-        spot_diameter_px=diameter, where=str(outs), diameter_source=f"spot_diameter_fullres in {spatial / SCALEFACTORS_FILE}",
+        mpp=mpp,
+        image_path=image_ref.path,
+        image_scale=image_ref.scale,
+        xy_px=xy,
+        platform=platform,
+        array_rows=rows["array_row"].to_numpy(np.float64),
+        array_cols=rows["array_col"].to_numpy(np.float64),
+        spot_diameter_px=diameter,
+        where=str(outs),
+        diameter_source=f"spot_diameter_fullres in {spatial / SCALEFACTORS_FILE}",
     )
 
     if name is None:
@@ -247,8 +254,6 @@ def _image_ref(spatial: Path, image: str | Path | None, scalefactors: dict) -> I
         )
         return ImageRef(path=hires, scale=float(scalef))
     reason = (
-        f"{hires} does not exist"
-        if not hires.exists()
-        else f"{spatial / SCALEFACTORS_FILE} gives no tissue_hires_scalef to place the spots on {hires.name}"
+        f"{hires} does not exist" if not hires.exists() else f"{spatial / SCALEFACTORS_FILE} gives no tissue_hires_scalef to place the spots on {hires.name}"
     )
     raise InputError(f"{spatial.parent}: no H&E image: Space Ranger keeps no full-resolution image and {reason}; pass --image PATH")

@@ -79,7 +79,7 @@ def read_st_counts(path: str | Path) -> pd.DataFrame:
     sep = "," if path.name.lower().removesuffix(".gz").endswith(".csv") else "\t"
     try:
         # the header read apart: pandas would rename repeated gene symbols X.1, anndata-style is X-1
-        with (gzip.open(path, "rt") if path.suffix.lower() == ".gz" else path.open()) as f:
+        with gzip.open(path, "rt") if path.suffix.lower() == ".gz" else path.open() as f:
             genes = next(csv.reader([f.readline()], delimiter=sep))[1:]
         counts = pd.read_csv(path, sep=sep, header=None, skiprows=1, index_col=0)
     except Exception as exc:
@@ -174,8 +174,13 @@ def read_st(
     xy = table[["pixel_x", "pixel_y"]].to_numpy(np.float64)
     # the usual case: JPEGs carry no pixel size, and the 200 µm grid gives it
     size = reference_pixel_size(
-        mpp=mpp, image_path=image_path, image_scale=1.0, xy_px=xy, platform="st",
-        array_rows=table["y"].to_numpy(np.float64), array_cols=table["x"].to_numpy(np.float64),
+        mpp=mpp,
+        image_path=image_path,
+        image_scale=1.0,
+        xy_px=xy,
+        platform="st",
+        array_rows=table["y"].to_numpy(np.float64),
+        array_cols=table["x"].to_numpy(np.float64),
         where=f"{spots_path}",
     )
     diameter = SPOT_DIAMETER_UM["st"] / size.mpp

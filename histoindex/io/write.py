@@ -95,6 +95,8 @@ class PredictionWriter:
         adata.obsm["spatial"] = xy
         adata.uns["histoindex"] = {k: (v if isinstance(v, (int, float, str)) else json.dumps(v, default=str)) for k, v in self.provenance.items()}
         library = Path(self.slide).stem
-        adata.uns["spatial"] = {library: {"scalefactors": {"tissue_hires_scalef": 1.0}, "metadata": {"source_image_path": str(self.provenance.get("slide_path", ""))}, "images": {}}}
+        adata.uns["spatial"] = {
+            library: {"scalefactors": {"tissue_hires_scalef": 1.0}, "metadata": {"source_image_path": str(self.provenance.get("slide_path", ""))}, "images": {}}
+        }
         adata.write_h5ad(self._tmp)
         self._tmp.replace(self.path)

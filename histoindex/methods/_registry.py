@@ -30,7 +30,9 @@ class Method:
         """The method's hyper-parameters, recorded in ``ModelConfig.method_params``."""
         return {}
 
-    def fit(self, model: nn.Module, sections: Sequence[TrainSection], cfg: ModelConfig, *, generator: torch.Generator, device: torch.device, progress=None) -> list[float]:
+    def fit(
+        self, model: nn.Module, sections: Sequence[TrainSection], cfg: ModelConfig, *, generator: torch.Generator, device: torch.device, progress=None
+    ) -> list[float]:
         raise NotImplementedError
 
     def embed_references(self, model: nn.Module, section: TrainSection, *, device: torch.device) -> tuple[np.ndarray, np.ndarray]:

@@ -27,10 +27,7 @@ class Bleep(Method):
         n = len(expression)
         world = distributed.world_size()
         if min(cfg.batch_size, n) % world:
-            raise InputError(
-                f"batch size {min(cfg.batch_size, n)} cannot be split evenly over {world} processes; "
-                f"choose a batch size divisible by {world}"
-            )
+            raise InputError(f"batch size {min(cfg.batch_size, n)} cannot be split evenly over {world} processes; choose a batch size divisible by {world}")
         if all(s.features is not None for s in sections):
             features = torch.from_numpy(np.concatenate([s.features for s in sections]).astype(np.float32, copy=False))
             return _train_heads(model, features, expression, cfg, generator, device, progress)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from . import bleep  # noqa: F401  (registers the family)
-from . import stgchb  # noqa: F401  (registers the family; torch_geometric is imported only when one is built)
+from . import (
+    bleep,  # noqa: F401  (registers the family)
+    stgchb,  # noqa: F401  (registers the family; torch_geometric is imported only when one is built)
+)
 from ._config import ModelConfig
 from ._factory import create_model, load_model, save_weights, state_digest, weights_bytes
 from ._registry import is_model, list_models, register_model

