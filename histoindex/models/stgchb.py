@@ -9,13 +9,16 @@ needs). Prediction then retrieves reference spots by image embedding, as BLEEP d
 Unlike the public code, everything trains on cached frozen-backbone features (patches are never
 re-encoded inside the loop) and both views use the same normalised HSIC.
 
-torch_geometric is imported only when a model is built (it takes seconds to import).
+The graph layers are the two pieces of torch_geometric that ST-GCHB uses — ``GCNConv`` with
+precomputed edge weights and ``DeepGraphInfomax`` — written out here with the same parameters and
+the same arithmetic (tests/test_stgchb.py checks both against torch_geometric itself): importing
+torch_geometric costs 10–30 s on a 2-core machine (it pulls in torch._dynamo, its datasets and
+LLM modules), which every `query` of an ST-GCHB model would pay before reading a tile.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -31,16 +34,6 @@ from ._registry import register_model
 from .backbones import create_backbone
 from .bleep import Bleep, bleep_loss
 from .layers import ImageNormalize, ProjectionHead
-
-
-def _pyg():
-    """``torch_geometric.nn``, imported on first use: importing torch_geometric pulls in
-    torch._dynamo, sympy and pandas (seconds), which commands that build no graph model should
-    not pay. Its import-time DeprecationWarnings (torch.jit.script) are not ours to show."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        import torch_geometric.nn as pyg_nn
-    return pyg_nn
 
 
 @dataclass(frozen=True)
@@ -157,16 +150,64 @@ def hsic_bottleneck(inputs: torch.Tensor, hidden: torch.Tensor, projection: torc
 # --------------------------------------------------------------------------------------- model
 
 
+class GraphConv(nn.Module):
+    """A graph convolution with given edge weights: ``out_i = b + Σ_j w_ji · W x_j`` over the edges
+    j → i (``edge_index[0]`` → ``edge_index[1]``) — torch_geometric's ``GCNConv(normalize=False,
+    add_self_loops=False)``, with its parameter names (``lin.weight``, ``bias``) and initialisation
+    (Glorot weight, zero bias)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.lin = nn.Linear(in_dim, out_dim, bias=False)
+        self.bias = nn.Parameter(torch.zeros(out_dim))
+        nn.init.xavier_uniform_(self.lin.weight)
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor, edge_weight: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        source, target = edge_index[0], edge_index[1]
+        out = torch.zeros(len(x), h.shape[1], dtype=h.dtype, device=h.device)
+        out.index_add_(0, target, h[source] * edge_weight.to(h.dtype).unsqueeze(1))
+        return out + self.bias
+
+
+class DeepGraphInfomax(nn.Module):
+    """Deep Graph Infomax (Veličković et al., 2019), as torch_geometric's ``DeepGraphInfomax``:
+    the encoder's node embeddings of the graph and of a corrupted copy, a summary of the real
+    ones, and a bilinear discriminator ``σ(z · W s)`` trained with binary cross-entropy to tell
+    them apart. Same parameter (``weight``), initialisation and loss."""
+
+    EPS = 1e-15
+
+    def __init__(self, hidden: int, encoder: nn.Module, summary: Callable, corruption: Callable):
+        super().__init__()
+        self.encoder, self.summary, self.corruption = encoder, summary, corruption
+        self.weight = nn.Parameter(torch.empty(hidden, hidden))
+        bound = 1.0 / np.sqrt(hidden)
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    def forward(self, *args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        positive = self.encoder(*args)
+        negative = self.encoder(*self.corruption(*args))
+        return positive, negative, self.summary(positive, *args)
+
+    def discriminate(self, z: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(z @ (self.weight @ summary))
+
+    def loss(self, positive: torch.Tensor, negative: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
+        real = -torch.log(self.discriminate(positive, summary) + self.EPS).mean()
+        fake = -torch.log(1 - self.discriminate(negative, summary) + self.EPS).mean()
+        return real + fake
+
+
 class GcnEncoder(nn.Module):
-    """GCNConv layers, each followed by a PReLU (DGI's encoder). ``normalize=False``: edge weights
-    come from :func:`histoindex.graph.gcn_edge_weights` on the whole graph, so a subgraph (a
-    window of a streamed slide) encodes its interior exactly as the whole graph would."""
+    """Graph convolutions, each followed by a PReLU (DGI's encoder). The edge weights come from
+    :func:`histoindex.graph.gcn_edge_weights` on the whole graph, so a subgraph (a window of a
+    streamed slide) encodes its interior exactly as the whole graph would."""
 
     def __init__(self, in_dim: int, hidden: int, layers: int):
         super().__init__()
-        GCNConv = _pyg().GCNConv
         dims = [in_dim] + [hidden] * layers
-        self.convs = nn.ModuleList(GCNConv(a, b, normalize=False, add_self_loops=False) for a, b in zip(dims, dims[1:]))
+        self.convs = nn.ModuleList(GraphConv(a, b) for a, b in zip(dims, dims[1:]))
         self.activations = nn.ModuleList(nn.PReLU(hidden) for _ in range(layers))
 
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor, edge_weight: torch.Tensor) -> torch.Tensor:
@@ -215,7 +256,6 @@ class StGchb(nn.Module):
         super().__init__()
         if not cfg.genes:
             raise InputError("a model needs at least one gene")
-        pyg = _pyg()
         self.cfg = cfg
         self.params = params = StgchbParams.from_cfg(cfg)
         self.normalize = ImageNormalize(cfg.mean, cfg.std)
@@ -224,8 +264,8 @@ class StGchb(nn.Module):
         self.expression_gcn = GcnEncoder(len(cfg.genes), params.hidden, params.layers)
         self.image_projection = ProjectionHead(params.hidden, cfg.embed_dim, cfg.dropout)
         self.expression_projection = ProjectionHead(params.hidden, cfg.embed_dim, cfg.dropout)
-        self.image_dgi = pyg.DeepGraphInfomax(params.hidden, _Borrowed(self.image_gcn), _mean_summary, _ShuffleRows())
-        self.expression_dgi = pyg.DeepGraphInfomax(params.hidden, _Borrowed(self.expression_gcn), _mean_summary, _ShuffleRows())
+        self.image_dgi = DeepGraphInfomax(params.hidden, _Borrowed(self.image_gcn), _mean_summary, _ShuffleRows())
+        self.expression_dgi = DeepGraphInfomax(params.hidden, _Borrowed(self.expression_gcn), _mean_summary, _ShuffleRows())
 
     def encode_image_graph(self, features: torch.Tensor, edge_index: torch.Tensor, edge_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, F) backbone features of a spot graph → (hidden (n, hidden), projection (n, embed_dim))."""
