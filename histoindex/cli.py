@@ -17,8 +17,22 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__, api
+from . import __version__
 from .errors import HistoindexError, HistoindexWarning
+from .recipe import TrainOptions
+
+
+class _Api:
+    """``histoindex.api``, imported when a command first uses it: `--help` and usage errors must
+    not wait for LanceDB, DuckDB, anndata and torch to load."""
+
+    def __getattr__(self, name: str):
+        import importlib
+
+        return getattr(importlib.import_module("histoindex.api"), name)
+
+
+api = _Api()
 
 console = Console(stderr=True, highlight=False)
 
@@ -137,7 +151,7 @@ def reference_options(fn):
 
 def training_options(fn):
     """Options that shape a new model (used by train, and by ingest when the store has none)."""
-    defaults = api.TrainOptions()
+    defaults = TrainOptions()
     for option in reversed(
         [
             click.option(
@@ -160,7 +174,7 @@ def training_options(fn):
             ),
             click.option(
                 "--backbone",
-                show_default=f"{api.ModelConfig.backbone}, or the one registered --weights fit",
+                show_default="resnet18, or the one registered --weights fit",
                 help="Any timm model name (hf-hub:... names need network).",
             ),
             click.option(
@@ -194,7 +208,7 @@ def training_options(fn):
     return fn
 
 
-def _train_options(kwargs: dict) -> api.TrainOptions:
+def _train_options(kwargs: dict) -> TrainOptions:
     keys = (
         "method",
         "genes_file",
@@ -213,7 +227,7 @@ def _train_options(kwargs: dict) -> api.TrainOptions:
     )
     if kwargs.get("weights") is not None and kwargs["weights"].lower() == "none":
         kwargs = {**kwargs, "weights": ""}  # explicit random initialisation
-    return api.TrainOptions(**{k: kwargs[k] for k in keys}, method_params=_method_params(kwargs.get("method_params", ())))
+    return TrainOptions(**{k: kwargs[k] for k in keys}, method_params=_method_params(kwargs.get("method_params", ())))
 
 
 def _method_params(pairs) -> dict:
@@ -627,6 +641,13 @@ def demo(workdir, device):
 
 
 def main() -> None:
+    """The ``histoindex`` entry point. Errors are click's (``Error: …`` with exit code 1 for a
+    HistoindexError, usage errors with 2); Ctrl-C (SIGINT) ends the command with one line on stderr
+    and exit code 130 (128 + SIGINT, as shells report it). Every write to the store is one commit,
+    so an interrupted command leaves each table at a version it had or at one it wrote whole."""
+    import sys
+
+    interrupted = "Interrupted: nothing is half-written (each write to the store commits whole or not at all; `histoindex versions` lists what was committed)"
     original = warnings.formatwarning
 
     def fmt(message, category, filename, lineno, line=None):
@@ -635,7 +656,22 @@ def main() -> None:
         return original(message, category, filename, lineno, line)
 
     warnings.formatwarning = fmt
-    cli(prog_name="histoindex")
+    try:
+        code = cli.main(prog_name="histoindex", standalone_mode=False)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort as exc:
+        if not isinstance(exc.__cause__, KeyboardInterrupt):  # e.g. end of input at a prompt: click's own message
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        click.echo(interrupted, err=True)  # click has already ended the terminal's "^C" line
+        sys.exit(130)
+    except KeyboardInterrupt:  # one that arrived outside the command itself
+        click.echo(err=True)
+        click.echo(interrupted, err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) and not isinstance(code, bool) else 0)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import scipy.sparse as sp
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
 
 from .errors import InputError
 
@@ -109,6 +112,8 @@ class SpotSet:
     def normalized(self, genes: list[str] | None = None) -> np.ndarray:
         """Expression as float32 log1p(counts per 1e4) (or as stored if already normalised),
         restricted to ``genes`` in that order (genes absent here are an error)."""
+        import scipy.sparse as sp  # on use: importing histoindex stays fast
+
         X = self.X
         if self.is_counts:
             totals = np.asarray(X.sum(axis=1)).ravel().astype(np.float64)
