@@ -53,10 +53,14 @@ class StgchbParams:
     hsic_weight: float = 1.0
     dgi_weight: float = 1.0
     hsic_nodes: int = 1024
+    skip: bool = False
     pretrain_epochs: int = 20
     epochs: int = 100
 
     def __post_init__(self):
+        if isinstance(self.skip, str):  # from --method-param skip=true
+            object.__setattr__(self, "skip", self.skip.strip().lower() in ("1", "true", "yes"))
+        object.__setattr__(self, "skip", bool(self.skip))
         sigma = self.sigma
         if not (isinstance(sigma, str) and sigma == "median"):
             try:
@@ -204,15 +208,21 @@ class GcnEncoder(nn.Module):
     :func:`histoindex.graph.gcn_edge_weights` on the whole graph, so a subgraph (a window of a
     streamed slide) encodes its interior exactly as the whole graph would."""
 
-    def __init__(self, in_dim: int, hidden: int, layers: int):
+    def __init__(self, in_dim: int, hidden: int, layers: int, *, skip: bool = False):
         super().__init__()
         dims = [in_dim] + [hidden] * layers
         self.convs = nn.ModuleList(GraphConv(a, b) for a, b in zip(dims, dims[1:]))
         self.activations = nn.ModuleList(nn.PReLU(hidden) for _ in range(layers))
+        # a spot's own features through their own weights, beside its neighbourhood's (GraphSAGE's
+        # root weight): a GCN alone gives a spot 1/(degree) of its own signal
+        self.roots = nn.ModuleList(nn.Linear(a, b, bias=False) for a, b in zip(dims, dims[1:])) if skip else None
 
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor, edge_weight: torch.Tensor) -> torch.Tensor:
-        for conv, activation in zip(self.convs, self.activations):
-            x = activation(conv(x, edge_index, edge_weight))
+        for i, (conv, activation) in enumerate(zip(self.convs, self.activations)):
+            h = conv(x, edge_index, edge_weight)
+            if self.roots is not None:
+                h = h + self.roots[i](x)
+            x = activation(h)
         return x
 
 
@@ -260,8 +270,8 @@ class StGchb(nn.Module):
         self.params = params = StgchbParams.from_cfg(cfg)
         self.normalize = ImageNormalize(cfg.mean, cfg.std)
         self.image_encoder = create_backbone(cfg.backbone, pretrained=pretrained)
-        self.image_gcn = GcnEncoder(self.image_encoder.num_features, params.hidden, params.layers)
-        self.expression_gcn = GcnEncoder(len(cfg.genes), params.hidden, params.layers)
+        self.image_gcn = GcnEncoder(self.image_encoder.num_features, params.hidden, params.layers, skip=params.skip)
+        self.expression_gcn = GcnEncoder(len(cfg.genes), params.hidden, params.layers, skip=params.skip)
         self.image_projection = ProjectionHead(params.hidden, cfg.embed_dim, cfg.dropout)
         self.expression_projection = ProjectionHead(params.hidden, cfg.embed_dim, cfg.dropout)
         self.image_dgi = DeepGraphInfomax(params.hidden, _Borrowed(self.image_gcn), _mean_summary, _ShuffleRows())
@@ -300,13 +310,17 @@ class GraphSection:
 
 @dataclass
 class _Graph:
-    features: torch.Tensor  # (n, V, F), on the CPU: one view per spot is moved per step
-    expression: torch.Tensor  # (n, G), on the device
-    edge_index: torch.Tensor
-    edge_weight: torch.Tensor
+    """The training sections as one graph (no edge crosses sections), on the CPU: each step moves
+    only its batch's neighbourhood to the device."""
+
+    features: torch.Tensor  # (N, V, F)
+    expression: torch.Tensor  # (N, G)
+    edge_index: np.ndarray  # (2, E), node ids of the union
+    edge_weight: torch.Tensor  # (E,), GCN weights of each section's own graph
+    adjacency: object  # scipy CSR, [target, source]: one hop backwards is a product with it
 
 
-def _section_graph(section: GraphSection, model: StGchb, device: torch.device) -> _Graph:
+def _section_arrays(section: GraphSection, model: StGchb) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     features = np.asarray(section.features, dtype=np.float32)
     expression = np.asarray(section.expression, dtype=np.float32)
     if features.ndim == 2:
@@ -319,33 +333,76 @@ def _section_graph(section: GraphSection, model: StGchb, device: torch.device) -
         raise InputError(f"section {section.name}: expression must be ({n}, {n_genes}), not {expression.shape}")
     if n < 2:
         raise InputError(f"section {section.name}: a graph needs at least 2 spots")
-    edge_index = knn_graph(section.xy_um, k=model.params.graph_k)
-    if edge_index.max() >= n:
+    if len(section.xy_um) != n:
         raise InputError(f"section {section.name}: {len(section.xy_um)} spot centres for {n} spots")
+    edge_index = knn_graph(section.xy_um, k=model.params.graph_k)
+    return features, expression, edge_index
+
+
+def _union_graph(sections: Sequence[GraphSection], model: StGchb) -> _Graph:
+    import scipy.sparse as sp
+
+    features, expression, edges, weights, offset = [], [], [], [], 0
+    for section in sections:
+        f, e, edge_index = _section_arrays(section, model)
+        features.append(f)
+        expression.append(e)
+        edges.append(edge_index + offset)
+        weights.append(gcn_edge_weights(edge_index, len(f)))
+        offset += len(f)
+    if len({f.shape[1] for f in features}) != 1:
+        raise InputError("every section needs the same number of views")
+    edge_index = np.concatenate(edges, axis=1)
+    adjacency = sp.csr_matrix((np.ones(edge_index.shape[1], np.int8), (edge_index[1], edge_index[0])), shape=(offset, offset))
     return _Graph(
-        features=torch.from_numpy(features),
-        expression=torch.from_numpy(expression).to(device),
-        edge_index=torch.from_numpy(edge_index).to(device),
-        edge_weight=torch.from_numpy(gcn_edge_weights(edge_index, n)).to(device),
+        features=torch.from_numpy(np.concatenate(features)),
+        expression=torch.from_numpy(np.concatenate(expression)),
+        edge_index=edge_index,
+        edge_weight=torch.from_numpy(np.concatenate(weights)),
+        adjacency=adjacency,
     )
 
 
-def _step_loss(model: StGchb, graph: _Graph, cfg: ModelConfig, params: StgchbParams, generator: torch.Generator, pretraining: bool) -> torch.Tensor:
-    n, views = graph.features.shape[:2]
-    device = graph.expression.device
-    view = torch.randint(0, views, (n,), generator=generator)
-    features = graph.features[torch.arange(n), view].to(device)
-    image_z, image_neg, image_summary = model.image_dgi(features, graph.edge_index, graph.edge_weight)
-    expr_z, expr_neg, expr_summary = model.expression_dgi(graph.expression, graph.edge_index, graph.edge_weight)
+def _neighbourhood(graph: _Graph, batch: np.ndarray, hops: int) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, np.ndarray]:
+    """The nodes whose features reach ``batch`` within ``hops`` layers, their induced edges (with
+    the whole graph's weights, so the batch nodes' outputs are exact), and where the batch nodes
+    sit among them."""
+    reached = np.zeros(graph.adjacency.shape[0], dtype=bool)
+    reached[batch] = True
+    for _ in range(hops):
+        reached |= np.asarray(graph.adjacency @ reached.astype(np.int8)).ravel() > 0
+    nodes = np.flatnonzero(reached)
+    keep = reached[graph.edge_index[0]] & reached[graph.edge_index[1]]
+    local = np.full(len(reached), -1, np.int64)
+    local[nodes] = np.arange(len(nodes))
+    sub = torch.from_numpy(local[graph.edge_index[:, keep]])
+    return nodes, sub, graph.edge_weight[torch.from_numpy(keep)], local[batch]
+
+
+def _step_loss(
+    model: StGchb, graph: _Graph, batch: np.ndarray, cfg: ModelConfig, params: StgchbParams, generator: torch.Generator, pretraining: bool
+) -> torch.Tensor:
+    nodes, edge_index, edge_weight, rows = _neighbourhood(graph, batch, params.layers)
+    device = next(model.image_projection.parameters()).device
+    views = graph.features.shape[1]
+    view = torch.randint(0, views, (len(nodes),), generator=generator)
+    index = torch.from_numpy(nodes)
+    features = graph.features[index, view].to(device)
+    expression = graph.expression[index].to(device)
+    edge_index, edge_weight = edge_index.to(device), edge_weight.to(device)
+    image_z, image_neg, image_summary = model.image_dgi(features, edge_index, edge_weight)
+    expr_z, expr_neg, expr_summary = model.expression_dgi(expression, edge_index, edge_weight)
     dgi = model.image_dgi.loss(image_z, image_neg, image_summary) + model.expression_dgi.loss(expr_z, expr_neg, expr_summary)
     if pretraining:
         return dgi
-    image_p, expr_p = model.image_projection(image_z), model.expression_projection(expr_z)
+    rows = torch.from_numpy(rows).to(device)
+    image_h, expr_h = image_z[rows], expr_z[rows]
+    image_p, expr_p = model.image_projection(image_h), model.expression_projection(expr_h)
     loss = bleep_loss(image_p, expr_p, cfg.temperature) + params.dgi_weight * dgi
     if params.hsic_weight:
-        rows = torch.randperm(n, generator=generator)[: params.hsic_nodes].to(device) if n > params.hsic_nodes else slice(None)
-        terms = hsic_bottleneck(features[rows], image_z[rows], image_p[rows], beta=params.beta, sigma=params.sigma)
-        terms = terms + hsic_bottleneck(graph.expression[rows], expr_z[rows], expr_p[rows], beta=params.beta, sigma=params.sigma)
+        sub = torch.randperm(len(rows), generator=generator)[: params.hsic_nodes].to(device) if len(rows) > params.hsic_nodes else slice(None)
+        terms = hsic_bottleneck(features[rows][sub], image_h[sub], image_p[sub], beta=params.beta, sigma=params.sigma)
+        terms = terms + hsic_bottleneck(expression[rows][sub], expr_h[sub], expr_p[sub], beta=params.beta, sigma=params.sigma)
         loss = loss + params.hsic_weight * terms
     return loss
 
@@ -361,21 +418,28 @@ def train_stgchb(
 ) -> list[float]:
     """Train ``model``'s graph encoders, DGI and projection heads in place on cached backbone
     features (the backbone is not trained): ``pretrain_epochs`` of DGI alone, then ``epochs`` of
-    BLEEP's contrastive loss + hsic_weight·HSIC bottleneck + dgi_weight·DGI, both views. Each
-    section is its own graph, one step per section per epoch (sections in random order), a random
-    dihedral view per spot per step. AdamW with ``cfg.head_lr`` and ``cfg.weight_decay``.
+    BLEEP's contrastive loss + hsic_weight·HSIC bottleneck + dgi_weight·DGI, both views.
 
-    Deterministic for a given ``generator`` state on one device: every draw (views, DGI's row
-    shuffles, HSIC subsets, and dropout, seeded from it in a forked RNG) comes from it. Returns the
-    mean loss of every epoch, pretraining first; ``progress(epoch, total_epochs, loss)`` is called
-    after each.
+    The sections form one graph (each its own kNN graph; no edge between sections). An epoch is a
+    shuffled pass over all spots in batches of ``cfg.batch_size`` (as BLEEP's): each step runs the
+    GCNs on the batch's L-hop neighbourhood only (exact for the batch, with the whole graph's edge
+    weights) and the contrastive loss on the batch, so every batch mixes sections — the loss then
+    learns to match spots across sections, as queries must — and a step costs the batch, not the
+    reference. A random dihedral view per spot per step. AdamW with ``cfg.head_lr``.
+
+    Deterministic for a given ``generator`` state on one device: every draw (batches, views, DGI's
+    row shuffles, HSIC subsets, and dropout, seeded from it in a forked RNG) comes from it. Returns
+    the mean loss of every epoch, pretraining first; ``progress(epoch, total_epochs, loss)`` is
+    called after each.
     """
     if not sections:
         raise InputError("no sections to train on")
     device = torch.device(device)
     params = StgchbParams.from_cfg(cfg)
     model.to(device)
-    graphs = [_section_graph(s, model, device) for s in sections]
+    graph = _union_graph(sections, model)
+    n = len(graph.features)
+    batch_size = max(2, min(cfg.batch_size, n))
     for p in model.image_encoder.parameters():
         p.requires_grad_(False)
     trainable = [p for name, p in model.named_parameters() if not name.startswith("image_encoder.")]
@@ -384,6 +448,9 @@ def train_stgchb(
     total = params.pretrain_epochs + params.epochs
     history: list[float] = []
     dropout_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    threads = torch.get_num_threads()
+    if device.type == "cpu":  # a step is hundreds of tiny ops: on 2 cores, 1 thread trains 3.5× faster than 2
+        torch.set_num_threads(1)
     try:
         for corruption in corruptions:
             corruption.generator = generator
@@ -394,8 +461,9 @@ def train_stgchb(
                 model.train()
                 model.image_encoder.eval()
                 losses = []
-                for i in torch.randperm(len(graphs), generator=generator).tolist():
-                    loss = _step_loss(model, graphs[i], cfg, params, generator, pretraining)
+                order = torch.randperm(n, generator=generator).numpy()
+                for start in range(0, n - batch_size + 1, batch_size):  # the ragged last batch is dropped
+                    loss = _step_loss(model, graph, np.sort(order[start : start + batch_size]), cfg, params, generator, pretraining)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
@@ -404,6 +472,7 @@ def train_stgchb(
                 if progress:
                     progress(epoch + 1, total, history[-1])
     finally:
+        torch.set_num_threads(threads)
         for corruption in corruptions:
             corruption.generator = None
         for p in model.image_encoder.parameters():
