@@ -88,11 +88,9 @@ class SpotSet:
         if not (np.isfinite(self.mpp) and self.mpp > 0):
             raise InputError(f"pixel size must be a positive number of micrometres, got {self.mpp}{where}")
         if len(set(self.obs_names)) != n_obs:
-            raise InputError(f"spot ids are not unique{where}")
+            raise InputError(f"spot ids repeat{where} (e.g. {', '.join(map(str, _repeated(self.obs_names)[:5]))}); make them unique first")
         if len(set(self.var_names)) != n_vars:
-            seen: set[str] = set()
-            repeated = [g for g in self.var_names if g in seen or seen.add(g)]
-            raise InputError(f"gene names repeat{where} (e.g. {', '.join(map(str, repeated[:5]))}); make them unique first")
+            raise InputError(f"gene names repeat{where} (e.g. {', '.join(map(str, _repeated(self.var_names)[:5]))}); make them unique first")
         if n_obs == 0:
             raise InputError(f"no spots{where}")
 
@@ -121,13 +119,53 @@ class SpotSet:
             X = sp.diags(1e4 / totals) @ X if sp.issparse(X) else X * (1e4 / totals)[:, None]
         if genes is not None:
             index = {g: i for i, g in enumerate(self.var_names)}
-            missing = [g for g in genes if g not in index]
-            if missing:
-                raise InputError(f"{len(missing)} of the model's genes are missing from {self.source or self.name} (e.g. {', '.join(missing[:5])})")
+            check_genes_present(genes, index, where=self.source or self.name)
             X = X[:, [index[g] for g in genes]]
         X = X.toarray() if sp.issparse(X) else np.asarray(X)
         X = X.astype(np.float32)
         return np.log1p(X) if self.is_counts else X
+
+
+def _repeated(names) -> list[str]:
+    seen: set[str] = set()
+    return list(dict.fromkeys(str(n) for n in names if n in seen or seen.add(n)))
+
+
+def check_genes_present(genes, available, *, where: str) -> None:
+    """Every one of a model's ``genes`` must be among ``available``: a reference spot's expression
+    embedding (the key it is found by) and the profile averaged into predictions both use all of
+    them, so a missing gene can be neither zero-filled (that would pull neighbours' averages and the
+    embedding towards zero) nor skipped. The error names the missing genes."""
+    missing = [g for g in genes if g not in available]
+    if not missing:
+        return
+    shown = ", ".join(missing[:10]) + (f", … ({len(missing)} in all)" if len(missing) > 10 else "")
+    if len(missing) == len(genes):
+        theirs = ", ".join(list(map(str, available))[:3])
+        raise InputError(
+            f"all of the model's {len(genes)} genes are missing from {where} (its genes are like {theirs}; the model's like {', '.join(genes[:3])}): "
+            "are the genes named differently (symbols vs Ensembl ids)?"
+        )
+    raise InputError(
+        f"{where} lacks {len(missing)} of the model's {len(genes)} genes ({shown}); every reference spot needs all of them "
+        "(they make its expression embedding and the profile averaged into predictions). Ingest it under a model trained on "
+        "genes it has (histoindex train --genes FILE, then ingest --model ID)"
+    )
+
+
+#: the fewest image pixels a patch may span: below this a patch is upsampled noise
+MIN_PATCH_PX = 8
+
+
+def check_patch_pixels(patch_um: float, mpp: float, *, scale: float = 1.0, where: str) -> None:
+    """A ``patch_um`` patch must span at least :data:`MIN_PATCH_PX` pixels of the image it is cut from
+    (``mpp`` µm per level-0 pixel, ``scale`` image pixels per level-0 pixel)."""
+    side = patch_um / mpp * scale
+    if not side >= MIN_PATCH_PX:
+        raise InputError(
+            f"{where}: the model's {patch_um:g} µm patch spans only {side:.3g} px of the image ({mpp / scale:.3g} µm/px); "
+            f"at least {MIN_PATCH_PX} px are needed: the image is too coarse for this model, or its pixel size (--mpp) is wrong"
+        )
 
 
 @dataclass(frozen=True)

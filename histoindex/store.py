@@ -6,6 +6,7 @@ Every write reports the version it made."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -24,6 +25,10 @@ from .schemas import PRIMARY_KEY_METADATA, TABLES, conform, layout
 
 _INDEX_CONFIGS = {"bitmap": Bitmap, "btree": BTree, "label_list": LabelList}
 
+#: tag metadata saying what wrote the tagged version (``ingest``, ``restore``), read by :meth:`Store.versions`
+OPERATION_KEY = "histoindex.operation"
+#: the tag that keeps a spots version a stored prediction searched (``compact`` never removes it without --force)
+PINNED_TAG = "pinned-by-predictions-v{version}"
 #: the models column holding the safetensors bytes: read for one model at a time, never when listing
 WEIGHTS = "weights"
 #: how long a write may take, retries after a concurrent commit included (LanceDB's default of
@@ -38,6 +43,43 @@ def sql_literal(value: str) -> str:
 
 def _tag_safe(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in text)
+
+
+#: the schema metadata key holding a table's layout version (``schema_version`` in schemas/*.json)
+SCHEMA_VERSION_KEY = b"histoindex.schema_version"
+
+
+def stored_schema_version(schema: pa.Schema) -> int:
+    """The layout version a table was written with (0: before histoindex recorded one)."""
+    raw = (schema.metadata or {}).get(SCHEMA_VERSION_KEY, b"0") or b"0"
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise StoreError(f"the table's {SCHEMA_VERSION_KEY.decode()} is {raw.decode(errors='replace')!r}, not a number") from exc
+
+
+def check_schema_version(name: str, schema: pa.Schema, uri: str) -> None:
+    """Refuse a table written by a newer histoindex: its layout may mean things this release does not
+    know, so reading it could give wrong answers and writing it could damage it."""
+    try:
+        found = stored_schema_version(schema)
+    except StoreError as exc:
+        raise StoreError(f"the {name} table at {uri}: {exc}") from None
+    current = layout(name).schema_version
+    if found > current:
+        raise StoreError(
+            f"the {name} table at {uri} was written by a newer histoindex (table schema version {found}; this release, "
+            f"{_release()}, knows schema version {current} and older): upgrade histoindex to open this store"
+        )
+
+
+def _release() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"histoindex {version('histoindex')}"
+    except PackageNotFoundError:
+        return "histoindex"
 
 
 @dataclass(frozen=True)
@@ -56,6 +98,94 @@ class ModelRecord:
         return self._fetch(self.model_id)
 
 
+@dataclass(frozen=True)
+class RestoreResult:
+    table: str
+    restored: int  # the version made current again
+    version: int  # the new version holding it
+    rows: int
+    tag: str | None
+
+
+@dataclass(frozen=True)
+class DeleteResult:
+    dataset: str
+    model_id: str | None
+    rows: int
+    version: int
+
+
+@dataclass(frozen=True)
+class Compaction:
+    """What ``compact`` did to one table."""
+
+    table: str
+    version: int  # current version afterwards
+    compacted: bool  # whether data files were rewritten (Lance commits that as two versions)
+    fragments_removed: int
+    fragments_added: int
+    removed: list[int]  # versions removed
+    bytes_removed: int
+    kept: dict[int, str]  # old versions kept, and why (tags, stored predictions)
+    tags_dropped: list[str]  # tags deleted with their versions (--force)
+    unpinned: list[int]  # spots versions stored predictions searched that were removed (--force)
+
+
+def _age(timestamp: datetime) -> timedelta:
+    now = datetime.now(timestamp.tzinfo) if timestamp.tzinfo else datetime.now()  # Lance lists naive local times
+    return now - timestamp
+
+
+def _transaction(dataset, version: int):
+    try:
+        return dataset.read_transaction(version)
+    except Exception:  # removed, or written before Lance kept transactions
+        return None
+
+
+_DELETE_PREDICATE = re.compile(r"^dataset = '((?:[^']|'')*)'(?: AND model_id = '((?:[^']|'')*)')?$")
+_OPERATIONS = {
+    "Rewrite": "compaction",
+    "CreateIndex": "index build or refresh",
+    "Append": "rows added",
+    "Update": "rows merged or updated",
+    "UpdateConfig": "metadata update",
+    "Project": "columns changed",
+    "Merge": "columns added",
+}
+
+
+def _what(table: str, version: int, tags: list[tuple[str, dict]], txn) -> str:
+    """What made a version, from what histoindex wrote beside it (tag metadata) and Lance's own
+    transaction record; "unknown" when neither says."""
+    op = type(txn.operation).__name__ if txn is not None and getattr(txn, "operation", None) is not None else None
+    if op == "BaseOperation":  # an operation pylance does not describe (e.g. compaction reserving fragment ids)
+        op = None
+    for tag, meta in tags:
+        if meta.get(OPERATION_KEY) == "ingest" or (tag.startswith("ingest-") and not meta):
+            dataset = meta.get("histoindex.dataset") or re.sub(r"^ingest-(.*)-v\d+$", r"\1", tag)
+            return f"ingest of {dataset}" + (" (rows folded into the indexes)" if op == "CreateIndex" else "")
+    if op is None:
+        return "unknown"
+    if op == "Restore":
+        return f"restore of {table}@{txn.operation.version}"
+    if op == "Overwrite":
+        return "created" if version == 1 else "every row replaced"
+    if op == "Delete":
+        found = _DELETE_PREDICATE.match(getattr(txn.operation, "predicate", "") or "")
+        if not found:
+            return "rows deleted"
+        dataset, model = (g.replace("''", "'") if g is not None else None for g in found.groups())
+        return f"delete of {dataset}" + (f" (model {model})" if model else "")
+    if op == "Update" and table == "predictions":
+        return "rows merged or updated"
+    if op == "Append" and table == "predictions":
+        return "predictions added"
+    if op == "Update" and table == "models":
+        return "model added or updated"
+    return _OPERATIONS.get(op, f"Lance operation {op}")
+
+
 def _local_path(uri: str) -> Path | None:
     """The folder of a local URI, read the way LanceDB reads it; None for any other scheme."""
     if get_uri_scheme(uri) != "file":
@@ -65,6 +195,24 @@ def _local_path(uri: str) -> Path | None:
     elif uri.startswith("file:/"):
         uri = uri[len("file:") :]
     return Path(uri).expanduser()
+
+
+def _model_config(model_id: str, text: str) -> ModelConfig:
+    try:
+        return ModelConfig.from_json(text)
+    except Exception as exc:  # a models row edited by hand, or written by other code
+        raise StoreError(f"model {model_id}: its config_json is not a histoindex model config ({type(exc).__name__}: {exc})") from exc
+
+
+def _ranges(numbers: list[int]) -> str:
+    """``1..3, 5, 8..9``: version numbers as runs (old versions removed by ``compact`` leave gaps)."""
+    runs: list[list[int]] = []
+    for n in sorted(numbers):
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return ", ".join(f"{a}..{b}" if b > a else str(a) for a, b in runs)
 
 
 def _list_tables(db) -> list[str]:
@@ -117,6 +265,8 @@ class Store:
         """A connection to ``uri`` if it holds a histoindex table, else None. A local folder that
         is not there is not looked at, since LanceDB's connect would create it."""
         local = _local_path(uri)
+        if local is not None and local.exists() and not local.is_dir():
+            raise StoreError(f"{uri} is a file, not a histoindex store (a store is a folder); pass --db a store folder or a new path")
         if local is not None and not local.is_dir():
             return None
         db = cls._connect(uri)
@@ -124,7 +274,18 @@ class Store:
             names = _list_tables(db)
         except Exception as exc:
             raise StoreError(f"cannot list the tables of the store at {uri}: {exc}") from exc
-        return db if any(name in names for name in TABLES) else None
+        if any(name in names for name in TABLES):
+            return db
+        if local is not None:  # a folder holding other things is not a store, and must not become one
+            ours = {f"{name}.lance" for name in TABLES}
+            foreign = sorted(p.name for p in local.iterdir() if p.name not in ours and not p.name.startswith("."))
+            if foreign:
+                shown = ", ".join(foreign[:5]) + (f", … ({len(foreign)} entries)" if len(foreign) > 5 else "")
+                raise StoreError(
+                    f"{uri} is not a histoindex store: the folder holds {shown} and none of the tables {', '.join(TABLES)}; "
+                    "pass --db a histoindex store, or a new or empty folder to create one"
+                )
+        return None
 
     # ---- tables -------------------------------------------------------------------------
     def table_names(self) -> list[str]:
@@ -140,16 +301,22 @@ class Store:
             if not create:
                 raise StoreError(f"the store at {self.uri} has no {name!r} table yet")
             return self._create(name)
-        tbl = self.db.open_table(name)
+        tbl = self._open(name)
         if version is not None:
             try:
                 tbl.checkout(int(version) if str(version).isdigit() else version)
             except Exception as exc:
                 known = [v["version"] for v in tbl.list_versions()]
                 raise UnknownValue(
-                    f"table {name!r} has no version {version!r}; versions are {known[0]}..{known[-1]}"
+                    f"table {name!r} has no version {version!r}; versions are {_ranges(known)}"
                     + (f", tags: {', '.join(tbl.tags.list())}" if tbl.tags.list() else "")
                 ) from exc
+        return tbl
+
+    def _open(self, name: str):
+        """Open table ``name`` (its latest version), refusing one written by a newer histoindex."""
+        tbl = self.db.open_table(name)
+        check_schema_version(name, tbl.schema, self.uri)
         return tbl
 
     def _create(self, name: str):
@@ -168,15 +335,9 @@ class Store:
     def _writable(self, name: str):
         """Table ``name`` for writing: a table written by a newer histoindex is refused; one written
         by an older release gets its key columns marked as keys (Lance field metadata)."""
-        tbl = self.table(name, create=True)
-        meta = tbl.schema.metadata or {}
-        found = int(meta.get(b"histoindex.schema_version", b"0") or 0)
+        tbl = self.table(name, create=True)  # refuses a table written by a newer histoindex
+        found = stored_schema_version(tbl.schema)
         current = layout(name).schema_version
-        if found > current:
-            raise StoreError(
-                f"the {name} table at {self.uri} was written by a newer histoindex (schema version {found}, this "
-                f"release knows {current}); upgrade histoindex to write to it"
-            )
         key = layout(name).key
         unmarked = [c for c in key if not (tbl.schema.field(c).metadata or {}).get(b"lance-schema:unenforced-primary-key")]
         if unmarked or found < current:
@@ -237,7 +398,7 @@ class Store:
         return [
             ModelRecord(
                 model_id=r["model_id"],
-                cfg=ModelConfig.from_json(r["config_json"]),
+                cfg=_model_config(r["model_id"], r["config_json"]),
                 created_at=r["created_at"],
                 train_datasets=tuple(r["train_datasets"]),
                 metrics=json.loads(r["metrics_json"]),
@@ -334,7 +495,9 @@ class Store:
         if has_vector_index(tbl):  # keep `query --search ann` on the index for every row
             version = self.refresh_indexes()
         try:
-            tbl.tags.create(_tag_safe(f"ingest-{dataset}-v{version}"), version)
+            tag = _tag_safe(f"ingest-{dataset}-v{version}")
+            tbl.tags.create(tag, version)
+            tbl.to_lance().tags.replace_metadata(tag, {OPERATION_KEY: "ingest", "histoindex.dataset": dataset, "histoindex.model_id": model_id})
         except Exception:  # a tag is a convenience; the version itself is the record
             pass
         return version
@@ -360,6 +523,136 @@ class Store:
         tbl.to_lance().optimize.optimize_indices()
         tbl.checkout_latest()
         return tbl.version
+
+    # ---- upkeep -------------------------------------------------------------------------
+    def restore(self, version: int | str, *, table: str = "spots") -> RestoreResult:
+        """Make ``version`` (a number or a tag) of ``table`` current again: one new version whose
+        content equals it, tagged ``restore-of-<version>``. Nothing is lost: every version stays."""
+        if table not in TABLES:
+            raise UnknownValue(f"no table {table!r}; tables are {', '.join(TABLES)}")
+        target = self.table(table, version=version).version  # a tag resolves; an unknown version is an error listing the known ones
+        tbl = self._writable(table)
+        if target == tbl.version:
+            raise StoreError(f"{table}@{target} is already the current version; nothing to restore")
+        tbl.restore(target)
+        tbl.checkout_latest()
+        tag = self._tag(tbl, f"restore-of-{target}", tbl.version, {OPERATION_KEY: "restore", "histoindex.restored": str(target)})
+        return RestoreResult(table=table, restored=target, version=tbl.version, rows=tbl.count_rows(), tag=tag)
+
+    def delete_dataset(self, dataset: str, *, model_id: str | None = None) -> DeleteResult:
+        """Delete one dataset's spots (every model's rows of it, or only ``model_id``'s) in one new
+        spots version. The values are matched literally; nothing matching is an error naming the
+        datasets the store holds."""
+        if not dataset or not dataset.strip():
+            raise StoreError("--dataset must not be empty")
+        where = f"dataset = {sql_literal(dataset)}" + (f" AND model_id = {sql_literal(model_id)}" if model_id is not None else "")
+        n = self.table("spots").count_rows(where) if self.has_table("spots") else 0
+        if n == 0:
+            held = [f"{d} ({m})" for m, datasets in self.spot_models().items() for d in datasets]
+            under = f" under model {model_id}" if model_id is not None else ""
+            raise UnknownValue(f"no spots of dataset {dataset!r}{under} in {self.uri}; datasets (model): {', '.join(held) or 'none'}")
+        tbl = self._writable("spots")
+        result = tbl.delete(where)
+        tbl.checkout_latest()
+        deleted = getattr(result, "num_deleted_rows", None)
+        return DeleteResult(dataset=dataset, model_id=model_id, rows=int(n if deleted is None else deleted), version=tbl.version)
+
+    def compact(self, *, keep_versions: int | None = None, older_than: timedelta | None = None, force: bool = False) -> list[Compaction]:
+        """Compact every table's data files (Lance ``compact_files``: one new version where there is
+        something to rewrite), then remove old versions: those outside the window (the
+        ``keep_versions`` newest, or those newer than ``older_than``; the current one always stays)
+        except tagged versions and spots versions a stored prediction searched, which are tagged
+        ``pinned-by-predictions-v<N>`` first. With ``force`` those go too (their tags deleted).
+
+        Unlike LanceDB's ``optimize()``, nothing is pruned by a default age: only what is asked."""
+        if (keep_versions is None) == (older_than is None):
+            raise StoreError("compact needs exactly one of --keep-versions N and --older-than DAYS")
+        if keep_versions is not None and keep_versions < 1:
+            raise StoreError(f"--keep-versions must be at least 1 (the current version), got {keep_versions}")
+        if older_than is not None and older_than < timedelta(0):
+            raise StoreError(f"--older-than must not be negative, got {older_than.days} days")
+        searched = set(self.distinct("predictions", "spots_version")) if self.has_table("predictions") else set()
+        reports = []
+        for name in self.table_names():
+            tbl = self._writable(name)
+            before = tbl.version
+            try:
+                metrics = tbl.to_lance().optimize.compact_files()
+            except Exception as exc:
+                raise StoreError(f"compacting the {name} table failed (nothing was removed): {exc}") from exc
+            tbl.checkout_latest()
+            dataset = tbl.to_lance()
+            listed = {v["version"]: v for v in dataset.versions()}
+            latest = max(listed)
+            if keep_versions is not None:
+                window = set(sorted(listed)[-keep_versions:])
+            else:
+                window = {n for n, v in listed.items() if _age(v["timestamp"]) < older_than}
+            window.add(latest)
+            pinned = sorted(n for n in searched if n in listed) if name == "spots" else []
+            if not force:
+                for n in pinned:
+                    self._tag(tbl, PINNED_TAG.format(version=n), n, {OPERATION_KEY: "pin"}, unique=True)
+            dataset = tbl.to_lance()
+            tags: dict[int, list[str]] = {}
+            for tag, info in dataset.tags.list().items():
+                tags.setdefault(info["version"], []).append(tag)
+            kept: dict[int, str] = {}
+            remove: list[int] = []
+            for n in sorted(set(listed) - window):
+                reasons = []
+                if n in tags:
+                    reasons.append("tag " + ", ".join(sorted(tags[n])))
+                if n in pinned:
+                    reasons.append("searched by stored predictions")
+                if reasons and not force:
+                    kept[n] = "; ".join(reasons)
+                else:
+                    remove.append(n)
+            dropped = sorted(t for n in remove for t in tags.get(n, []))
+            for tag in dropped:
+                dataset.tags.delete(tag)
+            dataset = tbl.to_lance()
+            removed_bytes = 0
+            if remove:
+                try:
+                    stats = dataset.cleanup_old_versions(versions=remove, error_if_tagged_old_versions=True)
+                except Exception as exc:
+                    raise StoreError(f"removing old versions of the {name} table failed: {exc}") from exc
+                removed_bytes = int(stats.bytes_removed)
+            tbl.checkout_latest()
+            compacted = tbl.version != before
+            reports.append(
+                Compaction(
+                    table=name,
+                    version=tbl.version,
+                    compacted=compacted,
+                    fragments_removed=int(metrics.fragments_removed) if compacted else 0,
+                    fragments_added=int(metrics.fragments_added) if compacted else 0,
+                    removed=remove,
+                    bytes_removed=removed_bytes,
+                    kept=kept,
+                    tags_dropped=dropped,
+                    unpinned=sorted(n for n in pinned if n in remove),
+                )
+            )
+        return reports
+
+    @staticmethod
+    def _tag(tbl, name: str, version: int, metadata: dict[str, str], *, unique: bool = False) -> str | None:
+        """Tag ``version`` ``name`` (``name-v<version>`` if that tag exists, unless ``unique``: then
+        an existing tag of that name is kept); returns the tag, or None if Lance refused."""
+        existing = tbl.tags.list()
+        if name in existing:
+            if unique:
+                return name
+            name = f"{name}-v{version}"
+        try:
+            tbl.tags.create(name, version)
+            tbl.to_lance().tags.replace_metadata(name, metadata)
+        except Exception:
+            return None
+        return name
 
     def distinct(self, table: str, column: str, *, where: str | None = None, version: int | None = None) -> list[Any]:
         tbl = self.table(table, version=version)
@@ -396,28 +689,39 @@ class Store:
 
     # ---- overview -----------------------------------------------------------------------
     def versions(self) -> dict[str, list[dict]]:
-        """Per table: every version with its timestamp, row count and tags."""
+        """Per table: every version with its timestamp, row count, ``bytes`` (the size of the data
+        files it references, Lance's ``total_files_size``: files are shared between versions, indexes
+        are not counted), tags, and ``what`` made it (created, ingest of X, index build or refresh,
+        restore of N, delete of X, compaction, ...; "unknown" where neither histoindex's tags nor
+        Lance's transaction record say)."""
         out = {}
         for name in self.table_names():
-            tbl = self.db.open_table(name)
-            tags: dict[int, list[str]] = {}
-            for tag, info in tbl.tags.list().items():
-                tags.setdefault(info["version"], []).append(tag)
-            out[name] = [
-                {
-                    "version": v["version"],
-                    "timestamp": v["timestamp"],
-                    "rows": int(v["metadata"].get("total_rows", 0)),
-                    "tags": sorted(tags.get(v["version"], [])),
-                }
-                for v in tbl.list_versions()
-            ]
+            tbl = self._open(name)
+            dataset = tbl.to_lance()
+            tags: dict[int, list[tuple[str, dict]]] = {}
+            for tag, info in dataset.tags.list().items():
+                tags.setdefault(info["version"], []).append((tag, dict(info.get("metadata") or {})))
+            rows = []
+            for v in tbl.list_versions():
+                number, meta = v["version"], v["metadata"]
+                size = meta.get("total_files_size")
+                rows.append(
+                    {
+                        "version": number,
+                        "timestamp": v["timestamp"],
+                        "rows": int(meta.get("total_rows", 0)),
+                        "bytes": int(size) if size is not None else None,
+                        "tags": sorted(t for t, _ in tags.get(number, [])),
+                        "what": _what(name, number, tags.get(number, []), _transaction(dataset, number)),
+                    }
+                )
+            out[name] = rows
         return out
 
     def info(self) -> dict:
         tables = {}
         for name in self.table_names():
-            tbl = self.db.open_table(name)
+            tbl = self._open(name)
             tables[name] = {
                 "version": tbl.version,
                 "rows": tbl.count_rows(),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import anndata
 import numpy as np
+import polars as pl
+import pytest
 from PIL import Image
 
 from histoindex.store import Store
@@ -13,7 +15,18 @@ from .conftest import run
 
 def _snapshot(db):
     store = Store(db)
-    return store.versions(), [m.model_id for m in store.models()]
+    return store.versions(), [m.model_id for m in store.models()], {name: store.table(name).count_rows() for name in store.table_names()}
+
+
+def _error(result, *naming: str) -> str:
+    """The one `Error:` line of a failed command, which must name what it says (file and problem)."""
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(lines) == 1, result.output
+    for text in naming:
+        assert str(text) in lines[0], (text, lines[0])
+    return lines[0]
 
 
 def test_h5ad_without_spatial(store, sections, tmp_path):
@@ -106,3 +119,186 @@ def test_corrupt_h5ad(store, tmp_path):
     bad.write_bytes(np.random.default_rng(0).bytes(1000))
     result = run("ingest", bad, "--tissue", "x", "--db", store, ok=False)
     assert result.exit_code == 1 and "cannot read" in result.output
+
+
+def _h5ad(sections, tmp_path, name, change):
+    adata = anndata.read_h5ad(sections.other_h5ad)
+    change(adata)
+    path = tmp_path / name
+    adata.write_h5ad(path)
+    return path
+
+
+def _set_count(value):
+    def change(adata):
+        X = np.asarray(adata.X.toarray() if hasattr(adata.X, "toarray") else adata.X, dtype=np.float32)
+        X[2, 5] = value
+        adata.X = X
+
+    return change
+
+
+def test_unreadable_h5ad(store, sections, tmp_path):
+    raw = sections.other_h5ad.read_bytes()
+    truncated = tmp_path / "truncated.h5ad"
+    truncated.write_bytes(raw[: len(raw) // 2])
+    text = tmp_path / "text.h5ad"
+    text.write_text("spot,x,y\n")
+    before = _snapshot(store)
+    for bad, problem in ((truncated, "truncated file"), (text, "file signature not found")):
+        result = run("ingest", bad, "--tissue", "breast", "--db", store, ok=False)
+        _error(result, f"Error: cannot read {bad} as AnnData .h5ad", problem)
+    assert _snapshot(store) == before
+
+
+def _nan_xy(adata):
+    adata.obsm["spatial"] = adata.obsm["spatial"].astype(float)
+    adata.obsm["spatial"][3, 0] = np.nan
+
+
+def _repeat_obs(adata):
+    adata.obs_names = [adata.obs_names[0], *adata.obs_names[:-1]]
+
+
+def _repeat_var(adata):
+    adata.var_names = [adata.var_names[0], *adata.var_names[:-1]]
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        (_nan_xy, "obsm['spatial'] has NaN or infinite spot positions (1 spots, e.g. "),
+        (_set_count(np.nan), "expression has NaN or infinite values"),
+        (_set_count(np.inf), "expression has NaN or infinite values"),
+        (_set_count(-1.0), "expression has negative values"),
+        (_repeat_obs, "spot ids repeat in {bad} (e.g. "),
+        (_repeat_var, "gene names repeat in {bad} (e.g. FASN); make them unique first"),
+    ],
+    ids=["nan-xy", "nan-counts", "inf-counts", "negative-counts", "repeated-spots", "repeated-genes"],
+)
+def test_bad_values_in_an_h5ad(store, sections, tmp_path, change, problem):
+    bad = _h5ad(sections, tmp_path, "bad.h5ad", change)
+    before = _snapshot(store)
+    result = run("ingest", bad, "--tissue", "breast", "--db", store, ok=False)
+    _error(result, bad, problem.format(bad=bad))
+    assert _snapshot(store) == before
+
+
+def test_reference_genes_must_cover_the_model(store, sections, tmp_path):
+    """Every model gene is needed (it shapes the spot's expression embedding and the averages), so a
+    reference lacking any is refused, naming them; gene names of another kind get a hint."""
+    genes = list(Store(store).model().cfg.genes)
+    renamed = _h5ad(sections, tmp_path, "ensembl.h5ad", lambda a: setattr(a, "var_names", [f"ENSG{i:011d}" for i in range(a.n_vars)]))
+    dropped = sorted(genes[-2:])
+    partial = tmp_path / "partial.h5ad"
+    adata = anndata.read_h5ad(sections.other_h5ad)
+    adata[:, [g for g in adata.var_names if g not in dropped]].copy().write_h5ad(partial)
+    before = _snapshot(store)
+    result = run("ingest", renamed, "--tissue", "breast", "--db", store, ok=False)
+    _error(result, f"all of the model's {len(genes)} genes are missing from {renamed} (its genes are like ENSG00000000000", "symbols vs Ensembl ids")
+    result = run("ingest", partial, "--tissue", "breast", "--db", store, ok=False)
+    line = _error(result, f"{partial} lacks 2 of the model's {len(genes)} genes", "histoindex train --genes FILE")
+    assert all(g in line for g in dropped)
+    assert _snapshot(store) == before
+
+
+def test_bad_slides(store, sections, tmp_path):
+    raw = sections.heldout_tif.read_bytes()
+    truncated = tmp_path / "truncated.tif"
+    truncated.write_bytes(raw[: len(raw) // 3])
+    noise_tif, noise_png = tmp_path / "noise.tif", tmp_path / "noise.png"
+    noise_tif.write_bytes(np.random.default_rng(0).bytes(5000))
+    noise_png.write_bytes(np.random.default_rng(1).bytes(5000))
+    white = tmp_path / "white.png"
+    Image.fromarray(np.full((1500, 1500, 3), 245, np.uint8)).save(white)
+    before = _snapshot(store)
+    cases = [
+        (truncated, [], "cannot read a thumbnail of truncated.tif (is the file truncated or damaged?)"),
+        (noise_tif, [], f"cannot open slide {noise_tif}: OpenSlide: Unsupported or missing image file; tiffslide: not a TIFF file"),
+        (noise_png, ["--mpp", "1"], f"cannot read image {noise_png}: cannot identify image file"),
+        (white, ["--mpp", "1"], "no tissue found on white.png"),
+    ]
+    for slide, extra, message in cases:
+        result = run("query", slide, "--tissue", "breast", *extra, "--db", store, ok=False)
+        _error(result, message)
+    assert _snapshot(store) == before
+
+
+def test_blank_or_misplaced_reference_images(store, sections, tmp_path):
+    black = tmp_path / "black.png"
+    Image.fromarray(np.zeros((2600, 2600, 3), np.uint8)).save(black)
+    small = tmp_path / "small.png"
+    Image.fromarray(np.asarray(Image.open(sections.other_tif))[:300, :300]).save(small)
+    before = _snapshot(store)
+    result = run("ingest", sections.other_h5ad, "--image", black, "--mpp", "1", "--tissue", "breast", "--db", store, ok=False)
+    _error(result, "Error: black.png is blank where the spots are: its pixels are all about (0, 0, 0)", "--image")
+    result = run("ingest", sections.other_h5ad, "--image", small, "--mpp", "1", "--tissue", "breast", "--db", store, ok=False)
+    _error(result, f"Error: {sections.other_h5ad}: ", "spot centres fall outside small.png (300×300 px;", "is this the image the spot positions refer to")
+    assert _snapshot(store) == before
+    # training refuses them too, before any epoch, and creates no store
+    result = run("train", sections.other_h5ad, "--image", black, "--mpp", "1", "--db", tmp_path / "new", ok=False)
+    _error(result, "black.png is blank where the spots are")
+    assert not (tmp_path / "new").exists()
+
+
+def test_space_ranger_test_data_has_a_black_hires_image(shared_data, tmp_path):
+    """scanpy's Space Ranger 1.0.0 test folder reads, but its hires PNG is all black: training on it
+    (as it would, with a warning, before) is refused."""
+    folder = shared_data / "spaceranger-1.0.0"
+    if not folder.is_dir():
+        pytest.skip(f"real data not available: {folder} is absent")
+    result = run("train", folder, "--db", tmp_path / "new", "--n-genes", "20", ok=False)
+    _error(result, "tissue_hires_image.png is blank where the spots are: its pixels are all about (0, 0, 0)")
+    assert not (tmp_path / "new").exists()
+
+
+def test_query_positions_off_the_slide(store, sections, tmp_path):
+    off = tmp_path / "off.csv"
+    pl.DataFrame({"spot": ["a", "b"], "x": [100.0, 1e6], "y": [100.0, 5.0]}).write_csv(off)
+    gaps = tmp_path / "gaps.csv"
+    gaps.write_text("spot,x,y\na,100,100\nb,,5\n")
+    before = _snapshot(store)
+    result = run("query", sections.heldout_tif, "--tissue", "breast", "--spots", off, "--db", store, ok=False)
+    _error(result, f"Error: spots file {off}: 1 of 2 positions fall outside syn-heldout.tif (2600×2600 px), e.g. spot b at (1000000, 5)")
+    result = run("query", sections.heldout_tif, "--tissue", "breast", "--spots", gaps, "--db", store, ok=False)
+    _error(result, f"Error: spots file {gaps}: 1 position(s) are missing, NaN or infinite (e.g. spot b)")
+    assert _snapshot(store) == before
+
+
+def test_a_folder_that_is_not_a_store(sections, tmp_path):
+    folder = tmp_path / "documents"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    message = f"Error: {folder} is not a histoindex store: the folder holds notes.txt and none of the tables spots, predictions, models"
+    for args in (
+        ["query", sections.heldout_tif, "--tissue", "breast"],
+        ["info"],
+        ["versions"],
+        ["ingest", sections.other_h5ad, "--tissue", "breast"],  # would have trained a model into it
+        ["train", sections.other_h5ad],
+    ):
+        result = run(*args, "--db", folder, ok=False)
+        _error(result, message)
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+    result = run("info", "--db", folder / "notes.txt", ok=False)
+    _error(result, f"Error: {folder / 'notes.txt'} is a file, not a histoindex store")
+
+
+def test_unknown_model_and_empty_filters(store, sections):
+    model = Store(store).model().model_id
+    before = _snapshot(store)
+    cases = [
+        (["query", sections.heldout_tif, "--model", "bleep-nope"], f"Error: no model 'bleep-nope'; models: {model}"),
+        (["ingest", sections.other_h5ad, "--tissue", "breast", "--model", "bleep-nope"], f"Error: no model 'bleep-nope'; models: {model}"),
+        (["query", sections.heldout_tif, "--tissue", "lung"], f"Error: no reference spots with tissue 'lung' (model {model}); tissue values present: breast"),
+        (
+            ["query", sections.heldout_tif, "--species", "mouse"],
+            "Error: no reference spots with species 'mouse' (model {model}); species values present: human",
+        ),
+        (["query", sections.heldout_tif, "--k", "0"], "Error: --k must be at least 1, got 0"),
+        (["query", sections.heldout_tif, "--where", "dataset = 'nope'"], "Error: no reference spots match"),
+    ]
+    for args, message in cases:
+        result = run(*args, "--db", store, ok=False)
+        _error(result, message.format(model=model))
+    assert _snapshot(store) == before

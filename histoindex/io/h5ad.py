@@ -16,7 +16,8 @@ import scipy.sparse as sp
 
 from ..data import ImageRef, SpotSet
 from ..errors import InputError, LowResolutionImageWarning
-from .pixelsize import reference_pixel_size
+from ._guard import reader
+from .pixelsize import reference_pixel_size, scale_factor
 
 
 def _read(path: Path):
@@ -116,6 +117,8 @@ def array_coordinates(obs) -> tuple[np.ndarray | None, np.ndarray | None]:
 
 def _library(adata, path: Path) -> tuple[str | None, dict]:
     spatial = adata.uns.get("spatial", {})
+    if not isinstance(spatial, dict):
+        raise InputError(f"{path}: uns['spatial'] is a {type(spatial).__name__}, expected a dict of libraries (scanpy's Visium layout)")
     if not spatial:
         return None, {}
     libraries = list(spatial.keys())
@@ -124,6 +127,7 @@ def _library(adata, path: Path) -> tuple[str | None, dict]:
     return libraries[0], spatial[libraries[0]]
 
 
+@reader("a spatial AnnData .h5ad")
 def read_h5ad(
     path: str | Path,
     *,
@@ -152,13 +156,24 @@ def read_h5ad(
         raise InputError(
             f"{where} has no obsm['spatial'] (spot centres in full-resolution pixels); is this a spatial dataset in the scanpy/squidpy Visium layout?"
         )
-    xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2]
+    spatial = np.asarray(adata.obsm["spatial"])
+    if spatial.ndim != 2 or spatial.shape[1] < 2 or not (np.issubdtype(spatial.dtype, np.number) and not np.iscomplexobj(spatial)):
+        raise InputError(
+            f"{where}: obsm['spatial'] must hold numbers, one row per spot with x and y in full-resolution pixels; it has shape "
+            f"{spatial.shape}, dtype {spatial.dtype}"
+        )
+    xy = spatial[:, :2].astype(np.float64)
     if not np.isfinite(xy).all():
-        raise InputError(f"{where}: obsm['spatial'] has NaN or infinite spot positions")
+        bad = np.flatnonzero(~np.isfinite(xy).all(axis=1))
+        raise InputError(f"{where}: obsm['spatial'] has NaN or infinite spot positions ({len(bad)} spots, e.g. {adata.obs_names[bad[0]]})")
     library, lib = _library(adata, path)
-    scalefactors = dict(lib.get("scalefactors", {}))
-    diameter = scalefactors.get("spot_diameter_fullres")
-    diameter = float(diameter) if diameter else None
+    if not isinstance(lib, dict):
+        raise InputError(f"{where}: uns['spatial'][{library!r}] is a {type(lib).__name__}, expected a dict (scalefactors, metadata, images)")
+    scalefactors = lib.get("scalefactors", {})
+    scalefactors = dict(scalefactors) if isinstance(scalefactors, dict) else {}
+    diameter = scale_factor(scalefactors, "spot_diameter_fullres", where=f"{where}: uns['spatial'][{library!r}]['scalefactors']")
+    if adata.X is None:
+        raise InputError(f"{where} has no X (expression matrix)")
     try:
         X, var_names, is_counts, values_source = expression_matrix(adata, where, log_normalised=log_normalised)
     except InputError as exc:
@@ -203,15 +218,17 @@ def _image_ref(path: Path, adata, lib: dict, image: str | Path | None, scalefact
         if not image.exists():
             raise InputError(f"image not found: {image} (given with --image)")
         return ImageRef(path=image)
-    source = lib.get("metadata", {}).get("source_image_path")
+    metadata = lib.get("metadata", {})
+    source = metadata.get("source_image_path") if isinstance(metadata, dict) else None
     if source:
         source_path = Path(str(source))
         if not source_path.is_absolute():
             source_path = path.parent / source_path
         if source_path.exists():
             return ImageRef(path=source_path)
-    hires = lib.get("images", {}).get("hires")
-    scalef = scalefactors.get("tissue_hires_scalef")
+    images = lib.get("images", {})
+    hires = images.get("hires") if isinstance(images, dict) else None
+    scalef = scale_factor(scalefactors, "tissue_hires_scalef", where=f"{path}: uns['spatial'][...]['scalefactors']")
     if hires is not None and scalef:
         warnings.warn(
             f"{path}: full-resolution image not found"
@@ -220,7 +237,12 @@ def _image_ref(path: Path, adata, lib: dict, image: str | Path | None, scalefact
             LowResolutionImageWarning,
             stacklevel=3,
         )
-        return ImageRef(array=np.asarray(hires), scale=float(scalef))
+        array = np.asarray(hires)
+        if not (array.ndim in (2, 3) and min(array.shape[:2]) > 0 and (array.ndim == 2 or array.shape[2] in (3, 4)) and np.issubdtype(array.dtype, np.number)):
+            raise InputError(
+                f"{path}: uns['spatial'][...]['images']['hires'] is not an RGB image (shape {array.shape}, dtype {array.dtype}); pass --image PATH"
+            )
+        return ImageRef(array=array, scale=float(scalef))
     raise InputError(
         f"{path}: no H&E image: "
         + (f"source_image_path {source} does not exist" if source else "no uns['spatial'][...]['metadata']['source_image_path']")

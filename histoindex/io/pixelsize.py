@@ -27,6 +27,21 @@ SPOT_PITCH_UM = {"visium": 100.0, "st": 200.0}
 DIAMETER_SCALE_UM = {"visium": 65.0, "st": 100.0}
 
 
+def scale_factor(scalefactors: dict, key: str, *, where: str) -> float | None:
+    """A Space Ranger scale factor (``spot_diameter_fullres``, ``tissue_hires_scalef``): None when
+    absent or zero, else a positive finite number (anything else is an error naming it)."""
+    value = scalefactors.get(key)
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if isinstance(value, bool) or not (np.isfinite(number) and number > 0):
+        raise InputError(f"{where}: scale factor {key} is {value!r}, not a positive number")
+    return number
+
+
 @dataclass(frozen=True)
 class PixelSize:
     """Micrometres per full-resolution pixel, and where that number came from."""

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import InputError
+from ._guard import reader
 
 
 @contextlib.contextmanager
@@ -92,8 +93,15 @@ class WholeSlide:
     def __init__(self, path: Path, *, mpp: float | None = None):
         self.path = path
         self._osr = self._open(path)
-        self.width, self.height = self._osr.dimensions
-        self.mpp = mpp if mpp is not None else self._metadata_mpp()
+        try:
+            self.width, self.height = (int(v) for v in self._osr.dimensions)
+            self.mpp = mpp if mpp is not None else self._metadata_mpp()
+        except Exception as exc:  # opened, but its header describes no readable image
+            self._osr.close()
+            raise InputError(f"cannot read slide {path} (is the file truncated or damaged?): {type(exc).__name__}: {exc}") from exc
+        if self.width <= 0 or self.height <= 0:
+            self._osr.close()
+            raise InputError(f"slide {path} has no pixels ({self.width}×{self.height})")
 
     @staticmethod
     def _open(path: Path):
@@ -137,7 +145,7 @@ class WholeSlide:
         try:
             region = self._osr.read_region((int(round(x)), int(round(y))), level, (side, side))
         except Exception as exc:  # a damaged tile: name the file and place, not a library traceback
-            raise InputError(f"cannot read {self.path.name} at ({x:.0f}, {y:.0f}) px, level {level}: {exc}") from exc
+            raise InputError(f"cannot read {self.path.name} at ({x:.0f}, {y:.0f}) px, level {level} (is the file truncated or damaged?): {exc}") from exc
         region = region.convert("RGBA")
         white = Image.new("RGBA", region.size, (255, 255, 255, 255))
         rgb = Image.alpha_composite(white, region).convert("RGB")  # transparent = outside the scan
@@ -149,13 +157,14 @@ class WholeSlide:
         try:
             img = self._osr.get_thumbnail((max_side, max_side)).convert("RGB")
         except Exception as exc:
-            raise InputError(f"cannot read a thumbnail of {self.path.name}: {exc}") from exc
+            raise InputError(f"cannot read a thumbnail of {self.path.name} (is the file truncated or damaged?): {exc}") from exc
         return np.asarray(img)
 
     def close(self) -> None:
         self._osr.close()
 
 
+@reader("a slide or image")
 def open_slide(path: str | Path, *, mpp: float | None = None) -> Slide:
     """Open a slide or image file. ``mpp`` overrides the pixel size found in its metadata.
 
@@ -180,6 +189,31 @@ def open_slide(path: str | Path, *, mpp: float | None = None) -> Slide:
     raise InputError(f"unsupported image type {suffix!r} for {path}; expected one of {', '.join(sorted(WSI_SUFFIXES | PLAIN_SUFFIXES))}")
 
 
+@reader("an image")
+def image_overview(path: str | Path, *, max_side: int = 1024) -> tuple[int, int, np.ndarray]:
+    """An image's level-0 ``(width, height)`` and an RGB thumbnail whose longer side is at most
+    ``max_side`` (JPEGs are decoded at reduced scale, so a large one costs little)."""
+    path = Path(path)
+    if path.suffix.lower() not in PLAIN_SUFFIXES:
+        slide = open_slide(path)
+        try:
+            return slide.width, slide.height, slide.thumbnail(max_side)
+        finally:
+            slide.close()
+    if not path.exists():
+        raise InputError(f"image not found: {path}")
+    try:
+        with _large_images_allowed(), Image.open(path) as img:
+            width, height = img.size
+            img.draft("RGB", (max_side, max_side))  # JPEG: decode at 1/2, 1/4 or 1/8 scale
+            thumb = img.convert("RGB")
+            thumb.thumbnail((max_side, max_side), Image.BILINEAR)
+            return width, height, np.asarray(thumb)
+    except Exception as exc:
+        raise InputError(f"cannot read image {path}: {exc}") from exc
+
+
+@reader("an image")
 def image_mpp(path: str | Path) -> float | None:
     """Pixel size from an image's metadata, without decoding plain images (which have none)."""
     path = Path(path)

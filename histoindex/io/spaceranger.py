@@ -30,8 +30,9 @@ import scipy.sparse as sp
 
 from ..data import ImageRef, SpotSet
 from ..errors import InputError, LowResolutionImageWarning
+from ._guard import reader
 from .h5ad import looks_like_counts
-from .pixelsize import reference_pixel_size
+from .pixelsize import reference_pixel_size, scale_factor
 
 MATRIX_FILE = "filtered_feature_bc_matrix.h5"
 POSITIONS_V2 = "tissue_positions.csv"
@@ -148,6 +149,9 @@ def read_tissue_positions(spatial: Path) -> pd.DataFrame:
         missing = [c for c in POSITION_COLUMNS if c not in table.columns]
         if missing:
             raise InputError(f"{path} lacks columns {', '.join(missing)} (its header: {', '.join(map(str, table.columns))})")
+    for column in POSITION_COLUMNS[1:]:
+        if not pd.api.types.is_numeric_dtype(table[column]) or table[column].isna().any():
+            raise InputError(f"{path}: column {column} must be numbers without gaps (found e.g. {table[column].iloc[0]!r})")
     table = table.set_index("barcode")
     if not table.index.is_unique:
         raise InputError(f"{path}: barcodes repeat (e.g. {', '.join(table.index[table.index.duplicated()][:3])})")
@@ -159,11 +163,15 @@ def _scalefactors(spatial: Path) -> dict:
     if not path.exists():
         return {}
     try:
-        return dict(json.loads(path.read_text()))
+        values = json.loads(path.read_text())
     except Exception as exc:
         raise InputError(f"cannot read {path} as JSON: {exc}") from exc
+    if not isinstance(values, dict):
+        raise InputError(f"{path} holds a JSON {type(values).__name__}, expected an object of scale factors")
+    return values
 
 
+@reader("a Space Ranger outs/ folder")
 def read_spaceranger(
     path: str | Path,
     *,
@@ -204,8 +212,7 @@ def read_spaceranger(
     xy = rows[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64)
 
     scalefactors = _scalefactors(spatial)
-    diameter = scalefactors.get("spot_diameter_fullres")
-    diameter = float(diameter) if diameter else None
+    diameter = scale_factor(scalefactors, "spot_diameter_fullres", where=str(spatial / SCALEFACTORS_FILE))
     image_ref = _image_ref(spatial, image, scalefactors)
     size = reference_pixel_size(
         mpp=mpp,
@@ -244,15 +251,15 @@ def _image_ref(spatial: Path, image: str | Path | None, scalefactors: dict) -> I
             raise InputError(f"image not found: {image} (given with --image)")
         return ImageRef(path=image)
     hires = spatial / HIRES_IMAGE
-    scalef = scalefactors.get("tissue_hires_scalef")
+    scalef = scale_factor(scalefactors, "tissue_hires_scalef", where=str(spatial / SCALEFACTORS_FILE))
     if hires.exists() and scalef:
         warnings.warn(
-            f"{spatial.parent}: Space Ranger keeps no full-resolution image; using {hires} (scale {float(scalef):.4g}), "
+            f"{spatial.parent}: Space Ranger keeps no full-resolution image; using {hires} (scale {scalef:.4g}), "
             "patches will be blurry. Pass --image for the full-resolution H&E.",
             LowResolutionImageWarning,
             stacklevel=3,
         )
-        return ImageRef(path=hires, scale=float(scalef))
+        return ImageRef(path=hires, scale=scalef)
     reason = (
         f"{hires} does not exist" if not hires.exists() else f"{spatial / SCALEFACTORS_FILE} gives no tissue_hires_scalef to place the spots on {hires.name}"
     )

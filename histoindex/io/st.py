@@ -29,6 +29,7 @@ import scipy.sparse as sp
 
 from ..data import SPOT_DIAMETER_UM, ImageRef, SpotSet
 from ..errors import InputError
+from ._guard import reader
 from .h5ad import looks_like_counts
 from .pixelsize import reference_pixel_size
 from .spaceranger import make_names_unique
@@ -147,6 +148,7 @@ def join_st(spots: pd.DataFrame, counts: pd.DataFrame, *, where: str = "") -> tu
     return spots.loc[keys], counts.loc[keys]
 
 
+@reader("legacy ST counts with its spot table and image")
 def read_st(
     counts: str | Path,
     *,

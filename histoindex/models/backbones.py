@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -51,9 +53,20 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            # never a plain unpickle: weights_only admits tensors and containers, and refuses any
+            # other Python object (whose unpickling could run code)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch's note on the pickle protocol
+                state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        reason = next((line for line in lines if line.startswith(("Trying to load", "Unsupported", "Unsupported global"))), lines[-1] if lines else "")
+        raise InputError(
+            f"refusing to load weights {path}: it holds Python objects other than tensors ({reason.rstrip('.')}); histoindex loads only "
+            "safetensors or tensor-only torch checkpoints (torch.load(weights_only=True)), never arbitrary pickles: convert it to .safetensors"
+        ) from None
     except Exception as exc:
-        raise InputError(f"cannot read weights {path}: {exc}") from exc
+        raise InputError(f"cannot read weights {path}: {(str(exc).strip().splitlines() or [''])[0]}") from exc
     for wrapper in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
             state = state[wrapper]
