@@ -8,20 +8,20 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from .config import ModelConfig
-from .data import SPOT_DIAMETER_UM, PatchGrid, SpotSet
+from .data import SPOT_DIAMETER_UM, PatchGrid, SpotSet, check_patch_pixels
 from .errors import InputError, StoreError
-from .io.readers import read_reference
+from .io.readers import check_reference_image, read_reference
 from .io.slides import open_slide
-from .io.tables import read_positions
+from .io.tables import check_positions_on_slide, read_positions
 from .io.write import PredictionWriter, check_output_path
-from .patch import stream_spot_patches, tile_grid
+from .patch import spot_stain, stream_spot_patches, tile_grid
 from .plot import check_gene_names, picture_path, plot_predictions  # matplotlib loads only when drawing
 from .recipe import DEFAULT_WEIGHTS, TrainOptions, model_config
 
@@ -29,7 +29,8 @@ from .recipe import DEFAULT_WEIGHTS, TrainOptions, model_config
 # `versions` and `info` start fast.
 from .search import References, Scope, check_filter_values
 from .sql import run_sql
-from .store import Store, prediction_rows, spot_rows
+from .stain import normalised
+from .store import Compaction, DeleteResult, RestoreResult, Store, prediction_rows, spot_rows
 
 Log = Callable[[str], None]
 #: ``progress(step, done, total)``: called as a long step advances (the CLI draws rich progress bars)
@@ -71,10 +72,13 @@ def train(
     names = [r.name for r in references]
     if len(set(names)) != len(names):
         raise InputError(f"reference names repeat: {', '.join(names)}; give each a distinct --dataset name")
+    Store.exists(db)  # a --db that cannot be a store (a file, a folder of other things) fails now, not after training
     from .embed import resolve_device, resolve_precision
     from .recipe import train_model
 
     cfg = model_config(references, options or TrainOptions())
+    for reference in references:  # a blank image, or spots off it, would train on nothing
+        check_reference_image(reference, patch_um=cfg.patch_um)
     torch_device = resolve_device(device)
     precision = resolve_precision(precision, torch_device)
 
@@ -161,11 +165,15 @@ def ingest(
     record = store.model(model_id)
     cfg = record.cfg
     expression = reference.normalized(list(cfg.genes))  # fails early if genes are missing
+    check_reference_image(reference, patch_um=cfg.patch_um)
     torch_device = resolve_device(device)
     model = load_model(cfg, record.weights(), device=torch_device)
     log(f"embedding {reference.n_obs} spots of {reference.name} with {record.model_id} on {torch_device}")
     precision = resolve_precision(precision, torch_device)
-    patches = stream_spot_patches(reference, patch_um=cfg.patch_um, patch_px=cfg.patch_px, batch_size=batch_size, workers=default_read_workers())
+    stain = spot_stain(reference, stain=cfg.stain, patch_um=cfg.patch_um, patch_px=cfg.patch_px)
+    patches = normalised(
+        stream_spot_patches(reference, patch_um=cfg.patch_um, patch_px=cfg.patch_px, batch_size=batch_size, workers=default_read_workers()), stain
+    )
     features = np.concatenate(list(counted(iter_image_features(model, patches, device=torch_device, precision=precision), "spots", reference.n_obs, progress)))
     section = TrainSection(name=reference.name, expression=expression, xy_um=reference.xy * reference.mpp, features=features)
     image_emb, expr_emb = get_method(cfg.method).embed_references(model, section, device=torch_device)
@@ -239,6 +247,7 @@ def query(
     search_mode: str = "auto",
     precision: str = "auto",
     workers: int | None = None,
+    views: int | None = None,
     keep_predictions: bool = True,
     progress: Progress | None = None,
     log: Log = _quiet,
@@ -289,9 +298,13 @@ def query(
             ids, xy = read_positions(spots)
             if slide.mpp is None:
                 raise InputError(f"{Path(slide_path).name} has no pixel size (µm per pixel) in its metadata; pass --mpp")
+            check_patch_pixels(cfg.patch_um, slide.mpp, where=Path(slide_path).name)
+            check_positions_on_slide(ids, xy, width=slide.width, height=slide.height, source=spots, slide=Path(slide_path).name)
             grid = PatchGrid(ids=ids, xy=xy, mpp=slide.mpp)
             id_column = "spot"
         else:
+            if slide.mpp is not None:  # tiles of a few pixels would be upsampled noise
+                check_patch_pixels(cfg.patch_um, slide.mpp, where=Path(slide_path).name)
             grid = tile_grid(slide, tile_um=cfg.patch_um)
             id_column = "tile_id"
     finally:
@@ -300,7 +313,12 @@ def query(
     log(
         f"{n} {'spots' if spots is not None else 'tissue tiles'} of {cfg.patch_um:g} µm on {Path(slide_path).name} ({grid.mpp:.3g} µm/px); {path} search over {references.n} references on {torch_device} ({precision})"
     )
-    model = load_model(cfg, record.weights(), device=torch_device)
+    if views is not None:  # fewer views: faster (each view is a backbone pass), a little less accurate
+        if not 1 <= views <= 8:
+            raise InputError(f"--views must be 1..8, got {views}")
+        cfg = cfg.replace(views=views)
+    model = load_model(record.cfg, record.weights(), device=torch_device)
+    model.cfg = cfg  # the views to average (the weights are the same)
 
     run_id = uuid.uuid4().hex[:12]
     slide_name = Path(slide_path).name
@@ -318,6 +336,8 @@ def query(
         "precision": precision,
         "mpp": grid.mpp,
         "patch_um": cfg.patch_um,
+        "stain": cfg.stain,
+        "views": cfg.views,
         "normalisation": cfg.normalisation,
         "created_at": created_at.isoformat(),
     }
@@ -335,46 +355,90 @@ def query(
         batch_size=batch_size,
         workers=default_read_workers() if workers is None else workers,
         progress=progress,
+        where=slide_name,
     )
     kept: list[np.ndarray] = []
-    failure: list[BaseException] = []
     stream_started = time.perf_counter()
+    # The tiles are read (background threads), embedded, searched, imputed and written to `out` here,
+    # in the calling thread; one more thread hands each chunk's rows to LanceDB, which writes them as
+    # they come and commits once, after the last chunk. An error or a Ctrl-C therefore lands here,
+    # never while another thread is still writing `out` (closing a Parquet writer under a writing
+    # thread crashes the process), and is handled in order: LanceDB's stream fails so nothing is
+    # committed, the committing thread is waited for, the partial `out` is removed, then it goes on.
+    import queue
+    import threading
 
-    def prediction_batches():
+    handoff: queue.Queue = queue.Queue(maxsize=2)  # rows waiting for LanceDB: memory stays flat
+    last, stop = object(), object()
+    outcome: dict = {}
+
+    def rows_for_lancedb():  # pulled by LanceDB's writer
+        while True:
+            item = handoff.get()
+            if item is last:
+                return
+            if item is stop:
+                raise RuntimeError("the query stopped before its last tile; nothing of it is committed")
+            yield from item.to_batches()
+
+    def commit() -> None:
         try:
-            for chunk in chunks:
-                ids, xy = grid.ids[chunk.rows], grid.xy[chunk.rows]
-                if writer is not None:
-                    writer.write(ids, xy, chunk.values)
-                if keep_predictions:
-                    kept.append(chunk.values)
-                rows = prediction_rows(
-                    run_id=run_id,
-                    slide=slide_name,
-                    ids=ids,
-                    xy=xy,
-                    mpp=grid.mpp,
-                    values=chunk.values,
-                    model_id=record.model_id,
-                    spots_version=references.spots_version,
-                    predicate=predicate,
-                    k=k_eff,
-                    created_at=created_at,
-                )
-                yield from rows.to_batches()
-        except BaseException as exc:  # surfaces as an Arrow error inside LanceDB; re-raised below as itself
-            failure.append(exc)
-            raise
+            outcome["version"] = store.add_predictions(rows_for_lancedb())
+        except BaseException as exc:  # re-raised in the calling thread
+            outcome["error"] = exc
 
+    def hand_over(item) -> None:
+        while True:
+            if "error" in outcome:
+                raise outcome["error"]
+            try:
+                handoff.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    committer = threading.Thread(target=commit, name="histoindex-commit", daemon=True)
+    committer.start()
     try:
-        predictions_version = store.add_predictions(prediction_batches())
+        for chunk in chunks:
+            ids, xy = grid.ids[chunk.rows], grid.xy[chunk.rows]
+            if writer is not None:
+                writer.write(ids, xy, chunk.values)
+            if keep_predictions:
+                kept.append(chunk.values)
+            rows = prediction_rows(
+                run_id=run_id,
+                slide=slide_name,
+                ids=ids,
+                xy=xy,
+                mpp=grid.mpp,
+                values=chunk.values,
+                model_id=record.model_id,
+                spots_version=references.spots_version,
+                predicate=predicate,
+                k=k_eff,
+                created_at=created_at,
+            )
+            hand_over(rows)
+        hand_over(last)
+        committer.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        predictions_version = outcome["version"]
         if writer is not None:
             writer.close()
-    except BaseException as exc:
+    except BaseException:
+        chunks.close()
+        if committer.is_alive():  # LanceDB is still reading rows: make its stream fail (no commit), then wait
+            while True:
+                try:
+                    handoff.get_nowait()
+                except queue.Empty:
+                    break
+            handoff.put_nowait(stop)
+            committer.join()
         if writer is not None:
             writer.abort()
-        if failure and failure[0] is not exc:
-            raise failure[0] from None
         raise
     stream_seconds = time.perf_counter() - stream_started
     predicted = np.concatenate(kept) if kept else np.zeros((0, len(cfg.genes)), np.float32)
@@ -491,6 +555,38 @@ def info(*, db: str | Path) -> dict:
     return Store(db).info()
 
 
+# ---- store upkeep -------------------------------------------------------------------------
+#: ``compact`` with neither ``keep_versions`` nor ``older_than_days`` removes versions older than this
+COMPACT_DEFAULT_DAYS = 7.0
+
+
+def restore(version: int | str, *, db: str | Path, table: str = "spots") -> RestoreResult:
+    """Make ``version`` (a number or a tag) of ``table`` current again: one new version whose content
+    equals it, tagged ``restore-of-<version>``; every version stays (nothing is lost)."""
+    return Store(db).restore(version, table=table)
+
+
+def delete(*, db: str | Path, dataset: str, model_id: str | None = None) -> DeleteResult:
+    """Delete dataset ``dataset``'s reference spots (every model's rows of it, or only ``model_id``'s)
+    in one new spots version; older versions keep them until :func:`compact` removes those."""
+    return Store(db).delete_dataset(dataset, model_id=model_id)
+
+
+def compact(*, db: str | Path, keep_versions: int | None = None, older_than_days: float | None = None, force: bool = False) -> list[Compaction]:
+    """Compact every table's data files, then remove old versions: all but the ``keep_versions``
+    newest, or those older than ``older_than_days`` (default 7 days when neither is given). Tagged
+    versions and spots versions that stored predictions searched are kept (and tagged
+    ``pinned-by-predictions-v<N>``) unless ``force``."""
+    if keep_versions is not None and older_than_days is not None:
+        raise InputError("give --keep-versions or --older-than, not both")
+    if keep_versions is None and older_than_days is None:
+        older_than_days = COMPACT_DEFAULT_DAYS
+    if older_than_days is not None and not (np.isfinite(older_than_days) and older_than_days >= 0):
+        raise InputError(f"--older-than must be a number of days, 0 or more; got {older_than_days}")
+    older_than = timedelta(days=older_than_days) if older_than_days is not None else None
+    return Store(db).compact(keep_versions=keep_versions, older_than=older_than, force=force)
+
+
 __all__ = [
     "DEFAULT_WEIGHTS",
     "ModelConfig",
@@ -508,5 +604,8 @@ __all__ = [
     "sql",
     "versions",
     "info",
+    "restore",
+    "delete",
+    "compact",
     "SPOT_DIAMETER_UM",
 ]

@@ -202,6 +202,13 @@ def training_options(fn):
                 show_default=True,
                 help="Dihedral views (rotations/flips) averaged when embedding a patch.",
             ),
+            click.option(
+                "--stain",
+                type=click.Choice(["none", "macenko"]),
+                default=defaults.stain,
+                show_default=True,
+                help="Stain normalisation of every section and slide (Macenko, fitted per slide on a sample of its own patches).",
+            ),
         ]
     ):
         fn = option(fn)
@@ -224,6 +231,7 @@ def _train_options(kwargs: dict) -> TrainOptions:
         "seed",
         "freeze_backbone",
         "views",
+        "stain",
     )
     if kwargs.get("weights") is not None and kwargs["weights"].lower() == "none":
         kwargs = {**kwargs, "weights": ""}  # explicit random initialisation
@@ -407,12 +415,35 @@ def ingest(reference, tissue, platform, species, dataset, model_id, db, image, m
     help="exact: in-memory matrix products over the filtered references; ann: LanceDB's vector index (histoindex index); auto: exact up to 2M candidates.",
 )
 @click.option("--workers", type=int, help="Background threads reading the slide (default: cores - 1, at most 8; 0 reads in the main thread).")
+@click.option(
+    "--views",
+    type=click.IntRange(1, 8),
+    help="Dihedral views averaged per tile (default: the model's, 8 for the default recipe); each view is one backbone pass.",
+)
 @db_option
 @device_option
 @precision_option
 @handle_errors
 def query(
-    slide, tissue, platform, species, where, k, out, mpp, as_of, spots_file, model_id, batch_size, plot_genes, search_mode, workers, db, device, precision
+    slide,
+    tissue,
+    platform,
+    species,
+    where,
+    k,
+    out,
+    mpp,
+    as_of,
+    spots_file,
+    model_id,
+    batch_size,
+    plot_genes,
+    search_mode,
+    workers,
+    views,
+    db,
+    device,
+    precision,
 ):
     """Impute expression over a slide by retrieval from the reference.
 
@@ -444,6 +475,7 @@ def query(
             search_mode=search_mode,
             precision=precision,
             workers=workers,
+            views=views,
             keep_predictions=False,
             progress=bars,
             log=_log,
@@ -566,7 +598,9 @@ def index(db, index_type, partitions, sub_vectors):
 @db_option
 @handle_errors
 def versions(db):
-    """List every version of every table, with row counts and tags.
+    """List every version of every table: timestamp, rows, data size (the data files it references,
+    shared between versions), what made it (created, ingest of X, index build or refresh, restore of
+    N, delete of X, compaction; "unknown" where the store does not say) and tags.
 
     Example:
 
@@ -574,11 +608,27 @@ def versions(db):
     """
     for name, rows in api.versions(db=db).items():
         table = Table(title=name)
-        for column in ("version", "timestamp", "rows", "tags"):
+        for column in ("version", "timestamp", "rows", "data size", "what"):
             table.add_column(column)
+        table.add_column("tags", overflow="fold")  # one a line, folded (never cut) in a narrow terminal
+        cells = []
         for row in rows:
-            table.add_row(str(row["version"]), str(row["timestamp"])[:19], str(row["rows"]), ", ".join(row["tags"]))
-        Console().print(table)
+            size = _size(row["bytes"]) if row["bytes"] is not None else "unknown"
+            cells.append((str(row["version"]), str(row["timestamp"])[:19], str(row["rows"]), size, row["what"], "\n".join(row["tags"])))
+            table.add_row(*cells[-1])
+        out = Console()
+        if not out.is_terminal:  # a pipe or a log: as wide as the rows need, so nothing is folded
+            widest = [max((len(line) for c in cells for line in c[i].splitlines()), default=0) for i in range(6)]
+            out = Console(width=max(80, sum(max(w, 9) for w in widest) + 3 * 6 + 1))
+        out.print(table)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
 
 
 @cli.command()
@@ -615,6 +665,75 @@ def info(db):
         for row in m["datasets"]:
             datasets.add_row(*map(str, row.values()))
         out.print(datasets)
+
+
+@cli.command()
+@click.argument("version")
+@click.option("--table", type=click.Choice(["spots", "predictions", "models"]), default="spots", show_default=True)
+@db_option
+@handle_errors
+def restore(version, table, db):
+    """Make an older version of a table current again: one new version with its content, tagged
+    restore-of-VERSION. Nothing is lost: the versions in between stay (see `histoindex versions`).
+
+    VERSION is a version number or a tag.
+
+    Example:
+
+    \b
+        histoindex restore 7 --db liver.db
+        histoindex restore ingest-liver2-v5 --table spots --db liver.db
+    """
+    result = api.restore(version, db=db, table=table)
+    tagged = f", tagged {result.tag}" if result.tag else ""
+    click.echo(f"{result.table}@{result.version}: the content of {result.table}@{result.restored} ({result.rows} rows){tagged}")
+
+
+@cli.command()
+@click.option("--dataset", required=True, help="Dataset name (matched literally).")
+@click.option("--model", "model_id", help="Only this model's rows of the dataset (default: every model's).")
+@db_option
+@handle_errors
+def delete(dataset, model_id, db):
+    """Delete one dataset's reference spots in one new spots version. Older versions keep them
+    (`query --as-of`, `restore`) until `compact` removes those versions.
+
+    Example:
+
+        histoindex delete --dataset liver3 --db liver.db
+    """
+    result = api.delete(db=db, dataset=dataset, model_id=model_id)
+    under = f" (model {result.model_id})" if result.model_id else ""
+    click.echo(f"deleted {result.rows} spots of {result.dataset}{under}: spots@{result.version}")
+
+
+@cli.command()
+@click.option("--keep-versions", type=int, help="Keep the N newest versions of each table (the current one included).")
+@click.option("--older-than", "older_than_days", type=float, help="Remove versions older than DAYS days (default 7 without --keep-versions).")
+@click.option("--force", is_flag=True, help="Also remove tagged versions and spots versions that stored predictions searched (deleting their tags).")
+@db_option
+@handle_errors
+def compact(keep_versions, older_than_days, force, db):
+    """Compact the tables' data files and remove old versions. Tagged versions (ingest-…, restore-of-…)
+    and spots versions that stored predictions searched (tagged pinned-by-predictions-vN) are kept
+    unless --force, so `query --as-of` still reproduces every stored prediction.
+
+    Example:
+
+    \b
+        histoindex compact --keep-versions 5 --db liver.db
+        histoindex compact --older-than 30 --db liver.db
+    """
+    for t in api.compact(db=db, keep_versions=keep_versions, older_than_days=older_than_days, force=force):
+        parts = [f"{t.table}@{t.version}: " + (f"compacted ({t.fragments_removed} → {t.fragments_added} fragments)" if t.compacted else "nothing to compact")]
+        parts.append(f"removed {len(t.removed)} old version(s) ({_size(t.bytes_removed)})" if t.removed else "removed no version")
+        if t.kept:
+            parts.append("kept " + ", ".join(f"{n} ({why})" for n, why in t.kept.items()))
+        if t.tags_dropped:
+            parts.append(f"deleted tags {', '.join(t.tags_dropped)}")
+        if t.unpinned:
+            parts.append(f"removed version(s) {', '.join(map(str, t.unpinned))} that stored predictions searched (no longer reproducible with --as-of)")
+        click.echo("; ".join(parts))
 
 
 @cli.command()

@@ -39,6 +39,7 @@ class ModelConfig:
     weight_decay: float = 1e-3
     freeze_backbone: bool = False  # train the projection heads only, on cached backbone features
     views: int = 1  # dihedral views averaged when embedding an image (1 = none, up to 8)
+    stain: str = "none"  # stain normalisation of every section and slide: none or macenko (histoindex.stain)
     # hyper-parameters of the method's own (e.g. stgchb's StgchbParams); JSON values only.
     # Not hashed (a dict cannot be); omitted from to_json when empty, so configs of methods
     # without any serialise, and their model ids hash, as they did before the field existed.

@@ -52,7 +52,7 @@ def _cache_path(cache: str | Path | None, ref: SpotSet, cfg, precision: str) -> 
     if cache is None:
         return None
     key = hashlib.sha256()
-    for part in (ref.source, ref.name, cfg.backbone, cfg.weights, cfg.patch_um, cfg.patch_px, precision, ref.mpp):
+    for part in (ref.source, ref.name, cfg.backbone, cfg.weights, cfg.patch_um, cfg.patch_px, precision, ref.mpp, cfg.stain):
         key.update(str(part).encode())
     key.update(np.ascontiguousarray(ref.xy, np.float64).tobytes())
     return Path(cache) / f"{ref.name}-{key.hexdigest()[:16]}.npy"
@@ -137,9 +137,10 @@ def evaluate(
     from .impute import average_rows
     from .methods import get_method
     from .models import create_model
-    from .patch import spot_patches
+    from .patch import spot_patches, spot_stain
     from .recipe import TrainOptions, model_config, train_model
     from .search import exact_topk
+    from .stain import normalised
     from .train import TrainSection, seed_everything
 
     options = options or TrainOptions()
@@ -164,7 +165,9 @@ def evaluate(
     patches: dict[str, np.ndarray] = {}
     features: dict[str, np.ndarray] = {}
     for ref in references:
-        patches[ref.name] = spot_patches(ref, patch_um=probe.patch_um, patch_px=probe.patch_px)
+        # the section's pixels as the model sees them: stain-normalised as ingest and query do
+        stain = spot_stain(ref, stain=probe.stain, patch_um=probe.patch_um, patch_px=probe.patch_px)
+        patches[ref.name] = next(normalised([spot_patches(ref, patch_um=probe.patch_um, patch_px=probe.patch_px)], stain))
         if baselines or probe.freeze_backbone:
             path = _cache_path(cache, ref, probe, precision)
             if path is not None and path.exists():

@@ -12,6 +12,7 @@ import numpy as np
 from .data import PatchGrid, SpotSet
 from .errors import InputError, MissingPixelSize
 from .io.slides import ArraySlide, Slide, open_slide
+from .stain import StainTransform, check_stain, fit_macenko, sample_indices
 
 
 def open_spot_image(spots: SpotSet) -> Slide:
@@ -113,6 +114,35 @@ def spot_patches(spots: SpotSet, *, patch_um: float, patch_px: int) -> np.ndarra
         return np.concatenate(list(iter_patches(slide, spots.xy, side_px=side, out_px=patch_px, scale=spots.image.scale)))
     finally:
         slide.close()
+
+
+def sample_stain(
+    stain: str, open_fn: Callable[[], Slide], xy: np.ndarray, *, side_px: float, out_px: int, scale: float = 1.0, where: str = ""
+) -> StainTransform | None:
+    """The stain normalisation of one section or slide (None for ``stain="none"``), fitted on the
+    patches at :func:`histoindex.stain.sample_indices` of ``xy`` (the same positions whatever reads
+    them: training, ingest, evaluation or a query at the same spots)."""
+    if check_stain(stain) == "none":
+        return None
+    slide = open_fn()
+    try:
+        patches = np.concatenate(list(iter_patches(slide, xy[sample_indices(len(xy))], side_px=side_px, out_px=out_px, scale=scale)))
+    finally:
+        slide.close()
+    return fit_macenko(patches, where=where)
+
+
+def spot_stain(spots: SpotSet, *, stain: str, patch_um: float, patch_px: int) -> StainTransform | None:
+    """:func:`sample_stain` of a reference section, from its spot patches."""
+    return sample_stain(
+        stain,
+        lambda: open_spot_image(spots),
+        spots.xy,
+        side_px=patch_um / spots.mpp,
+        out_px=patch_px,
+        scale=spots.image.scale,
+        where=spots.source or spots.name,
+    )
 
 
 def otsu_threshold(values: np.ndarray) -> float:

@@ -17,8 +17,9 @@ from .embed import iter_image_features
 from .impute import impute
 from .io.slides import Slide
 from .methods import get_method
-from .patch import stream_patches
+from .patch import sample_stain, stream_patches
 from .search import References, search
+from .stain import normalised
 
 #: tiles searched, imputed and written together
 SEARCH_CHUNK = 2048
@@ -47,18 +48,18 @@ def predict(
     batch_size: int = 64,
     workers: int = 1,
     progress: Progress | None = None,
+    where: str = "",
 ) -> Iterator[PredictedChunk]:
     """Predict expression at every position of ``grid`` (level-0 pixels of the slide
     ``open_slide()`` opens), chunk by chunk, in grid order."""
     cfg = model.cfg
     method = get_method(cfg.method)
-    patches = stream_patches(
-        open_slide,
-        grid.xy,
-        side_px=cfg.patch_um / grid.mpp,
-        out_px=cfg.patch_px,
-        batch_size=batch_size,
-        workers=workers,
+    side_px = cfg.patch_um / grid.mpp
+    # the slide's own stain, from a fixed sample of its tiles, mapped to the reference stain
+    stain = sample_stain(cfg.stain, open_slide, grid.xy, side_px=side_px, out_px=cfg.patch_px, where=where)
+    patches = normalised(
+        stream_patches(open_slide, grid.xy, side_px=side_px, out_px=cfg.patch_px, batch_size=batch_size, workers=workers),
+        stain,
     )
     features = counted(iter_image_features(model, patches, device=device, precision=precision), "tiles", len(grid), progress)
     embeddings = method.query_encoder(model, grid.xy * grid.mpp, device=device)(features)

@@ -19,6 +19,7 @@ from .config import ModelConfig
 from .data import SpotSet
 from .errors import InputError
 from .genes import check_genes, highly_variable_genes, read_gene_list
+from .stain import check_stain
 
 if TYPE_CHECKING:  # torch and the model code load only when a model is built (fast CLI start)
     import torch
@@ -53,6 +54,7 @@ class TrainOptions:
     seed: int = 0
     freeze_backbone: bool = True
     views: int = 8
+    stain: str = "none"
 
 
 def model_config(references: Sequence[SpotSet], options: TrainOptions) -> ModelConfig:
@@ -109,6 +111,7 @@ def model_config(references: Sequence[SpotSet], options: TrainOptions) -> ModelC
         head_lr=options.head_lr,
         freeze_backbone=options.freeze_backbone,
         views=options.views,
+        stain=check_stain(options.stain),
     )
 
 
@@ -116,11 +119,14 @@ def frozen_features(
     model, reference: SpotSet, cfg: ModelConfig, *, device, precision: str, batch_size: int = 64, progress: Callable[[int, int], None] | None = None
 ) -> np.ndarray:
     """(n_spots, 8, n_features) backbone features of the 8 dihedral views of every spot's patch,
-    patches streamed from the image (memory flat with the number of spots)."""
+    patches streamed from the image (memory flat with the number of spots), stain-normalised as
+    ``cfg.stain`` says."""
     from .embed import backbone_features
-    from .patch import stream_spot_patches
+    from .patch import spot_stain, stream_spot_patches
+    from .stain import normalised
 
-    patches = stream_spot_patches(reference, patch_um=cfg.patch_um, patch_px=cfg.patch_px, batch_size=batch_size)
+    stain = spot_stain(reference, stain=cfg.stain, patch_um=cfg.patch_um, patch_px=cfg.patch_px)
+    patches = normalised(stream_spot_patches(reference, patch_um=cfg.patch_um, patch_px=cfg.patch_px, batch_size=batch_size), stain)
     if progress is not None:
         patches = _reporting(patches, reference.n_obs, progress)
     return backbone_features(model, patches, device=device, views=TRAIN_VIEWS, precision=precision)
@@ -170,7 +176,8 @@ def train_model(
     from . import distributed
     from .methods import get_method
     from .models import create_model
-    from .patch import spot_patches
+    from .patch import spot_patches, spot_stain
+    from .stain import normalised
     from .train import TrainingResult, TrainSection, prepare_distributed, seed_everything
 
     method = get_method(cfg.method)
@@ -203,7 +210,8 @@ def train_model(
                 features[i] if features is not None else frozen_features(model, ref, cfg, device=device, precision=precision, progress=feature_progress)
             )
         else:
-            section.patches = spot_patches(ref, patch_um=cfg.patch_um, patch_px=cfg.patch_px)
+            stain = spot_stain(ref, stain=cfg.stain, patch_um=cfg.patch_um, patch_px=cfg.patch_px)
+            section.patches = next(normalised([spot_patches(ref, patch_um=cfg.patch_um, patch_px=cfg.patch_px)], stain))
         sections.append(section)
     read_seconds = time.perf_counter() - started
 

@@ -136,3 +136,24 @@ def test_default_db_comes_from_the_environment(store, monkeypatch):
     result = CliRunner().invoke(cli, ["sql", "SELECT count(*) AS n FROM models", "--format", "csv"])
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines() == ["n", "1"]
+
+
+def test_query_views_override_the_models(store, sections, tmp_path):
+    """--views sets how many dihedral views are averaged per tile (each is a backbone pass),
+    recorded with the predictions; the model's own setting otherwise."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    outs = {}
+    for views in (None, 4):
+        outs[views] = tmp_path / f"v{views}.parquet"
+        extra = ["--views", str(views)] if views else []
+        run("query", sections.heldout_tif, "--tissue", "breast", "--spots", sections.heldout_h5ad, "--out", outs[views], "--db", store, *extra)
+    meta = {v: json.loads(pq.read_schema(p).metadata[b"histoindex"]) for v, p in outs.items()}
+    assert meta[None]["views"] == Store(store).model().cfg.views == 1 and meta[4]["views"] == 4
+    genes = list(Store(store).model().cfg.genes)
+    a, b = (pl.read_parquet(outs[v]).select(genes).to_numpy() for v in (None, 4))
+    assert not np.allclose(a, b) and np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.5
+    result = run("query", sections.heldout_tif, "--tissue", "breast", "--views", "9", "--db", store, ok=False)
+    assert result.exit_code == 2 and "--views" in result.output

@@ -82,8 +82,11 @@ def test_gene_sets_are_defined_on_truth():
 
 def test_evaluate_gives_what_the_cli_chain_gives(sections, tmp_path):
     """A fold of `evaluate` runs the code users run: train on the training sections, ingest them,
-    query the held-out slide at its spots — the same predictions, to float rounding."""
+    query the held-out slide at its spots — the same predictions, to float rounding (with stain
+    normalisation, fitted on the same sample of each section's patches either way)."""
     frozen = [
+        "--stain",
+        "macenko",
         "--backbone",
         "resnet10t",
         "--weights",

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..errors import InputError, StoreError
 from ._config import ModelConfig
 from ._registry import model_entrypoint
 from .backbones import load_backbone_weights
@@ -78,12 +78,65 @@ def save_weights(model: nn.Module, path: str | Path, cfg: ModelConfig) -> Path:
 def load_model(cfg: ModelConfig, weights: bytes | str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a saved model from safetensors bytes (as :meth:`Store.model_weights` returns them) or
     a local safetensors file. No network: the weights are all there is to load."""
-    from safetensors.torch import load, load_file
+    from safetensors.torch import load
 
-    if isinstance(weights, (bytes, bytearray, memoryview)):
-        state = load(bytes(weights))
-    else:
-        state = load_file(str(weights))
+    try:
+        raw = bytes(weights) if isinstance(weights, (bytes, bytearray, memoryview)) else Path(weights).read_bytes()
+        state = load(raw)
+    except Exception as exc:
+        raise StoreError(f"the model's weights are not readable safetensors: {exc}") from exc
+    saved = _saved_config(raw)
+    if saved is not None:  # the config written inside the weights when they were saved
+        current = ModelConfig.from_json(cfg.to_json())  # compared as stored (JSON types)
+        changed = [key for key in CONFIG_KEYS if getattr(saved, key) != getattr(current, key)]
+        if changed:
+            shown = "; ".join(f"{key}: {_short(getattr(current, key))} vs {_short(getattr(saved, key))}" for key in changed)
+            raise StoreError(
+                f"the model's config does not match the config saved with its weights ({shown}; config vs weights): "
+                "the models row was edited or written by other code; refusing to use it"
+            )
     model = model_entrypoint(cfg.method)(cfg, pretrained=False)
+    problems = state_mismatch(model.state_dict(), state)
+    if problems:
+        raise StoreError(
+            f"the model's weights do not fit its config (method {cfg.method}, backbone {cfg.backbone}): {problems}; "
+            "the models row was edited or written by other code; refusing to use it"
+        )
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()
+
+
+#: the config fields that decide what a model computes and what it is fed: a stored model whose
+#: config disagrees with the one saved inside its weights on any of them is refused
+CONFIG_KEYS = ("method", "backbone", "patch_px", "patch_um", "mean", "std", "embed_dim", "genes", "normalisation", "views", "stain", "method_params")
+
+
+def _saved_config(raw: bytes) -> ModelConfig | None:
+    """The ``histoindex.config`` metadata of safetensors bytes (header: 8-byte length, then JSON)."""
+    import json
+
+    try:
+        size = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8 : 8 + size])
+        text = (header.get("__metadata__") or {}).get("histoindex.config")
+        return ModelConfig.from_json(text) if text else None
+    except Exception:
+        return None
+
+
+def _short(value) -> str:
+    text = str(list(value) if isinstance(value, tuple) else value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def state_mismatch(own: dict, state: dict) -> str:
+    """How ``state`` fails to fit a module whose state dict is ``own`` ('' when it fits): missing,
+    unexpected and wrong-shape keys, a few of each named."""
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong_shape = [k for k in state if k in own and tuple(own[k].shape) != tuple(state[k].shape)]
+    parts = []
+    for kind, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+        if keys:
+            parts.append(f"{len(keys)} {kind} (e.g. {', '.join(keys[:3])})")
+    return "; ".join(parts)
