@@ -185,7 +185,8 @@ def evaluate(
         test = references[names.index(holdout)]
         train = [r for r in references if r.name != holdout]
         started = time.perf_counter()
-        cfg = model_config(train, options)  # genes from training sections only
+        # genes chosen on the training sections only, among those the held-out section measures
+        cfg = model_config(train, options, genes_among=list(test.var_names))
         genes = list(cfg.genes)
         method = get_method(cfg.method)
         log(f"fold {holdout}: training {cfg.method} on {', '.join(r.name for r in train)} ({sum(r.n_obs for r in train)} spots, {len(genes)} genes)")

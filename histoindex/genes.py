@@ -42,7 +42,7 @@ def check_genes(references: Sequence[SpotSet], genes: Sequence[str]) -> list[str
     return list(genes)
 
 
-def highly_variable_genes(references: Sequence[SpotSet], n_genes: int, *, n_bins: int = 20) -> list[str]:
+def highly_variable_genes(references: Sequence[SpotSet], n_genes: int, *, n_bins: int = 20, among: Sequence[str] | None = None) -> list[str]:
     """Highly variable genes as scanpy's default, ``sc.pp.highly_variable_genes(adata,
     flavor="seurat", n_top_genes=n_genes, n_bins=n_bins)`` on the log1p(CP10k) expression of the
     given references only (concatenated), reimplemented with numpy alone and step by step as
@@ -60,8 +60,14 @@ def highly_variable_genes(references: Sequence[SpotSet], n_genes: int, *, n_bins
       chosen), so that genes tied at the cut-off are all kept: the list may run longer than
       ``n_genes`` then, or shorter where fewer genes have a dispersion at all.
 
+    ``among``: choose only from these genes (evaluation passes the held-out section's genes, so
+    that every chosen gene can be scored there; only names are used, never its values).
+
     Returned highest normalised dispersion first, ties in the references' gene order."""
     genes = shared_genes(references)
+    if among is not None:
+        allowed = set(among)
+        genes = [g for g in genes if g in allowed]
     if not genes:
         raise InputError("the references share no genes")
     if n_genes <= 0:

@@ -57,10 +57,11 @@ class TrainOptions:
     stain: str = "none"
 
 
-def model_config(references: Sequence[SpotSet], options: TrainOptions) -> ModelConfig:
+def model_config(references: Sequence[SpotSet], options: TrainOptions, *, genes_among: Sequence[str] | None = None) -> ModelConfig:
     """The config a model trained on ``references`` with ``options`` gets: backbone and input
     normalisation from the weights, genes from the options or the references' highly variable
-    genes, the method and its hyper-parameters (defaults overlaid with ``options.method_params``)."""
+    genes (chosen ``among`` the given names, when given), the method and its hyper-parameters
+    (defaults overlaid with ``options.method_params``)."""
     from .methods import get_method
     from .models import backbone_input_stats, get_pretrained, is_pretrained
 
@@ -90,7 +91,7 @@ def model_config(references: Sequence[SpotSet], options: TrainOptions) -> ModelC
     if options.genes_file:
         genes = check_genes(references, read_gene_list(options.genes_file))
     else:
-        genes = highly_variable_genes(references, options.n_genes)
+        genes = highly_variable_genes(references, options.n_genes, among=genes_among)
     params = {**method.default_params(), **options.method_params}
     if "epochs" in params and "epochs" not in options.method_params:
         params["epochs"] = options.epochs  # --epochs means the method's training epochs

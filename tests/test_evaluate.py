@@ -130,3 +130,23 @@ def test_evaluate_gives_what_the_cli_chain_gives(sections, tmp_path):
     genes = [c for c in evaluated.columns if c not in ("section", "system", "spot")]
     assert cli["spot"].to_list() == evaluated["spot"].to_list()
     np.testing.assert_allclose(cli.select(genes).to_numpy(), evaluated.select(genes).to_numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_variable_genes_are_chosen_among_those_the_heldout_section_measures(sections, tmp_path):
+    """Without --genes, the panel comes from the training sections; a gene the held-out section
+    lacks cannot be scored there, so it is not chosen (it used to stop the run: "genes missing")."""
+    import anndata as ad
+
+    train_refs = [api.read_reference(p) for p in (sections.train_h5ad, sections.other_h5ad)]
+    top = highly_variable_genes(train_refs, 48)[0]
+    heldout = ad.read_h5ad(sections.heldout_h5ad)
+    cut = tmp_path / "syn-heldout.h5ad"  # the section name comes from the file name
+    heldout[:, heldout.var_names != top].copy().write_h5ad(cut)
+
+    out = tmp_path / "heldout.parquet"
+    result = run("evaluate", sections.train_h5ad, sections.other_h5ad, cut, "--holdout", "syn-heldout", "--no-baselines", "--out", out, "--json", *TRAIN_ARGS)
+    (fold,) = json.loads(result.stdout)["folds"]
+    genes = [c for c in pl.read_parquet(out).columns if c not in ("section", "system", "spot")]
+    assert top not in genes and fold["n_genes"] == len(genes) >= 48
+    common = [g for g in train_refs[0].var_names if g != top]
+    assert genes == highly_variable_genes(train_refs, 48, among=common)
