@@ -283,3 +283,20 @@ def test_otsu_threshold_values():
         return
     for values in (image, noisy):
         assert otsu_threshold(values) == threshold_otsu(values)
+
+
+def test_pillow_bomb_guard_is_lifted_only_while_a_slide_is_read(tmp_path):
+    """Importing histoindex and reading an image leave Pillow's decompression-bomb guard as the
+    process had it (it used to be switched off for the whole process on import)."""
+    from PIL import Image
+
+    import histoindex.io.slides as slides
+
+    before = Image.MAX_IMAGE_PIXELS
+    assert before is not None
+    path = tmp_path / "small.png"
+    Image.fromarray(np.full((64, 80, 3), 200, np.uint8)).save(path)
+    slide = slides.open_slide(path, mpp=0.5)
+    assert slide.read_region(0, 0, 32, 16).shape == (16, 16, 3)
+    slide.close()
+    assert Image.MAX_IMAGE_PIXELS == before
