@@ -302,3 +302,18 @@ def test_unknown_model_and_empty_filters(store, sections):
         result = run(*args, "--db", store, ok=False)
         _error(result, message.format(model=model))
     assert _snapshot(store) == before
+
+
+def test_k_above_the_candidates_averages_them_all_and_says_so(store, sections, tmp_path):
+    n = Store(store).table("spots").count_rows()
+    positions = tmp_path / "positions.csv"
+    pl.DataFrame({"spot": ["a", "b"], "x": [800.0, 1200.0], "y": [800.0, 1200.0]}).write_csv(positions)
+    out_all, out_n = tmp_path / "all.parquet", tmp_path / "n.parquet"
+    result = run("query", sections.heldout_tif, "--spots", positions, "--k", str(n + 1000), "--out", out_all, "--db", store)
+    assert f"--k {n + 1000} is more than the {n} reference spots that match; averaging all {n}" in result.output
+    run("query", sections.heldout_tif, "--spots", positions, "--k", str(n), "--out", out_n, "--db", store)
+    frame = pl.read_parquet(out_n)
+    genes = [c for c, dtype in frame.schema.items() if dtype == pl.Float32 and c not in ("x", "y")]
+    assert len(genes) == len(Store(store).model().cfg.genes)
+    a, b = pl.read_parquet(out_all).select(genes).to_numpy(), frame.select(genes).to_numpy()
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
