@@ -20,7 +20,7 @@ from .errors import InputError, StoreError
 from .io.readers import check_reference_image, read_reference
 from .io.slides import open_slide
 from .io.tables import check_positions_on_slide, read_positions
-from .io.write import PredictionWriter, check_output_path
+from .io.write import TABLE_SUFFIXES, PredictionWriter, check_output_path
 from .patch import spot_stain, stream_spot_patches, tile_grid
 from .plot import check_gene_names, picture_path, plot_predictions  # matplotlib loads only when drawing
 from .recipe import DEFAULT_WEIGHTS, TrainOptions, model_config
@@ -281,6 +281,8 @@ def query(
     if plot:  # checked now, not after minutes of embedding
         if out is None:
             raise InputError("--plot needs --out: pictures are drawn from the predictions file")
+        if out.suffix.lower() not in TABLE_SUFFIXES:
+            raise InputError(f"--plot draws from a .parquet or .h5ad --out, not {out.name}")
         plot = check_gene_names(plot, cfg.genes, where=f"model {record.model_id}")
     torch_device = resolve_device(device)
     precision = resolve_precision(precision, torch_device)

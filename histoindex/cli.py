@@ -397,7 +397,9 @@ def ingest(reference, tissue, platform, species, dataset, model_id, db, image, m
 @click.option("--species", help="Only reference spots of this species.")
 @click.option("--where", help="Extra SQL filter on the spots table, e.g. \"dataset IN ('a', 'b')\".")
 @click.option("--k", type=int, default=50, show_default=True, help="Neighbours averaged per tile.")
-@click.option("--out", type=click.Path(dir_okay=False), help="Write predictions to .parquet or .h5ad.")
+@click.option(
+    "--out", type=click.Path(dir_okay=False), help="Write predictions to .parquet, .h5ad or .geojson (QuPath: File > Import objects; genes as measurements)."
+)
 @click.option("--mpp", type=float, help="Micrometres per pixel, when the slide has none (or to override it).")
 @click.option("--as-of", help="Search the spots table as of this version (number or tag).")
 @click.option("--spots", "spots_file", type=click.Path(dir_okay=False), help="Predict at these positions: .h5ad, or CSV/Parquet with spot,x,y.")

@@ -1,4 +1,5 @@
-"""Writing predictions as they stream in: wide Parquet (one column per gene) or AnnData .h5ad."""
+"""Writing predictions as they stream in: wide Parquet (one column per gene), AnnData .h5ad, or
+QuPath-ready GeoJSON (one feature per tile or spot, the genes as its measurements)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ import pyarrow.parquet as pq
 
 from ..errors import InputError
 
-OUTPUT_SUFFIXES = (".parquet", ".h5ad")
+OUTPUT_SUFFIXES = (".parquet", ".h5ad", ".geojson")
+#: outputs that ``plot`` and ``query --plot`` read back
+TABLE_SUFFIXES = (".parquet", ".h5ad")
+#: decimals kept for a GeoJSON measurement (log1p values: 1e-4 is far below any model's error)
+GEOJSON_DECIMALS = 4
 
 
 def check_output_path(path: str | Path, suffixes: tuple[str, ...] = OUTPUT_SUFFIXES, *, kind: str = "type") -> Path:
@@ -25,14 +30,16 @@ def check_output_path(path: str | Path, suffixes: tuple[str, ...] = OUTPUT_SUFFI
 
 
 class PredictionWriter:
-    """Per-tile (or per-spot) predictions written batch by batch: Parquet streams row groups to
-    ``<out>.tmp`` (flat memory); .h5ad (one matrix) collects and writes at :meth:`close`. The file
-    appears at ``path`` only when complete; ``provenance`` (model id, spots version, filter, k, ...)
-    goes into the Parquet metadata or ``uns['histoindex']``."""
+    """Per-tile (or per-spot) predictions written batch by batch: Parquet streams row groups and
+    GeoJSON streams features to ``<out>.tmp`` (flat memory); .h5ad (one matrix) collects and writes
+    at :meth:`close`. The file appears at ``path`` only when complete; ``provenance`` (model id,
+    spots version, filter, k, ...) goes into the Parquet metadata, ``uns['histoindex']`` or the
+    GeoJSON FeatureCollection's ``histoindex`` member."""
 
     def __init__(self, path: str | Path, *, id_column: str, slide: str, mpp: float, genes: list[str], provenance: dict):
         self.path = check_output_path(path)
         self.parquet = self.path.suffix.lower() == ".parquet"
+        self.geojson = self.path.suffix.lower() == ".geojson"
         self.id_column, self.slide, self.mpp, self.genes = id_column, slide, mpp, list(genes)
         self.provenance = dict(provenance)
         base = ["slide", id_column, "x", "y", "x_um", "y_um"]
@@ -41,7 +48,9 @@ class PredictionWriter:
             raise InputError(f"gene names clash with output columns: {', '.join(clash)}")
         self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._writer: pq.ParquetWriter | None = None
-        self._tmp = self.path.with_name(self.path.name + (".tmp" if self.parquet else ".tmp.h5ad"))
+        self._tmp = self.path.with_name(self.path.name + (".tmp.h5ad" if self.path.suffix.lower() == ".h5ad" else ".tmp"))
+        self._geojson = None  # the open GeoJSON file while features stream in
+        self._features = 0
         if self.parquet:
             fields = [pa.field("slide", pa.string()), pa.field(id_column, pa.string())]
             fields += [pa.field(name, pa.float64()) for name in base[2:]]
@@ -49,6 +58,9 @@ class PredictionWriter:
             self.schema = pa.schema(fields, metadata={"histoindex": json.dumps(self.provenance, default=str)})
 
     def write(self, ids: np.ndarray, xy: np.ndarray, values: np.ndarray) -> None:
+        if self.geojson:
+            self._write_features(np.asarray(ids).astype(str), np.asarray(xy, np.float64), np.asarray(values, np.float32))
+            return
         if not self.parquet:
             self._parts.append((np.asarray(ids).astype(str), np.asarray(xy, np.float64), np.asarray(values, np.float32)))
             return
@@ -67,6 +79,13 @@ class PredictionWriter:
 
     def close(self) -> Path:
         """Finish the file and move it into place."""
+        if self.geojson:
+            if self._geojson is None:
+                self._open_geojson()
+            self._geojson.write("\n]}\n")
+            self._geojson.close()
+            self._tmp.replace(self.path)
+            return self.path
         if self.parquet:
             if self._writer is None:
                 self._writer = pq.ParquetWriter(self._tmp, self.schema)
@@ -83,6 +102,8 @@ class PredictionWriter:
         """Drop the partial file; whatever was at ``path`` before stays."""
         if self._writer is not None:
             self._writer.close()
+        if self._geojson is not None:
+            self._geojson.close()
         self._tmp.unlink(missing_ok=True)
 
     def _write_h5ad(self, ids: np.ndarray, xy: np.ndarray, values: np.ndarray) -> None:
@@ -100,3 +121,35 @@ class PredictionWriter:
         }
         adata.write_h5ad(self._tmp)
         self._tmp.replace(self.path)
+
+    # QuPath's GeoJSON import (File > Import objects): a FeatureCollection whose features carry
+    # ``properties.objectType`` ("tile", "detection", ...), an optional ``name``, and
+    # ``properties.measurements`` as a name → number object; coordinates in level-0 pixels.
+    def _open_geojson(self) -> None:
+        self._geojson = open(self._tmp, "w", encoding="utf-8")
+        head = {
+            "type": "FeatureCollection",
+            "histoindex": {k: v if isinstance(v, (int, float, str, type(None))) else str(v) for k, v in self.provenance.items()},
+        }
+        self._geojson.write(json.dumps(head)[:-1] + ', "features": [\n')
+
+    def _write_features(self, ids: np.ndarray, xy: np.ndarray, values: np.ndarray) -> None:
+        if self._geojson is None:
+            self._open_geojson()
+        half = float(self.provenance.get("patch_um", 0.0)) / self.mpp / 2  # the window each prediction comes from, px
+        spots = self.id_column == "spot"
+        rounded = np.round(values.astype(np.float64), GEOJSON_DECIMALS).tolist()
+        lines = []
+        for i, (x, y) in enumerate(xy.tolist()):
+            if spots:  # a measured position: a point, with the radius of the window it was predicted from
+                geometry = {"type": "Point", "coordinates": [x, y]}
+                extra = {"radius": half}
+            else:  # a tile: its square
+                x0, y0, x1, y1 = x - half, y - half, x + half, y + half
+                geometry = {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]}
+                extra = {}
+            properties = {"objectType": "detection" if spots else "tile", "name": ids[i], **extra, "measurements": dict(zip(self.genes, rounded[i]))}
+            lines.append(json.dumps({"type": "Feature", "geometry": geometry, "properties": properties}))
+        if lines:
+            self._geojson.write((",\n" if self._features else "") + ",\n".join(lines))
+            self._features += len(lines)
