@@ -183,7 +183,9 @@ def model() -> StGchb:
 def test_params_from_config():
     params = StgchbParams.from_cfg(tiny_cfg(sigma="10", beta=5))
     assert params.sigma == 10.0 and params.beta == 5 and params.hidden == 16
-    assert StgchbParams.from_cfg(ModelConfig(method="stgchb")) == StgchbParams()
+    # a new model's config records every parameter; one written before `skip` existed was trained without it
+    assert StgchbParams.from_cfg(ModelConfig(method="stgchb", method_params=StgchbParams().to_dict())) == StgchbParams()
+    assert StgchbParams.from_cfg(ModelConfig(method="stgchb")) == StgchbParams(skip=False)
     with pytest.raises(InputError, match="unknown stgchb parameter"):
         StgchbParams.from_cfg(tiny_cfg(hiden=3))
     with pytest.raises(InputError, match="sigma"):
