@@ -115,12 +115,40 @@ class PredictionWriter:
         adata = anndata.AnnData(X=values, obs=obs, var=pd.DataFrame(index=pd.Index(self.genes, name="gene")))
         adata.obsm["spatial"] = xy
         adata.uns["histoindex"] = {k: (v if isinstance(v, (int, float, str)) else json.dumps(v, default=str)) for k, v in self.provenance.items()}
-        library = Path(self.slide).stem
-        adata.uns["spatial"] = {
-            library: {"scalefactors": {"tissue_hires_scalef": 1.0}, "metadata": {"source_image_path": str(self.provenance.get("slide_path", ""))}, "images": {}}
-        }
+        adata.uns["spatial"] = {Path(self.slide).stem: self._scanpy_spatial(xy)}
         adata.write_h5ad(self._tmp)
         self._tmp.replace(self.path)
+
+    def _scanpy_spatial(self, xy: np.ndarray) -> dict:
+        """``uns['spatial'][library]`` as Space Ranger's reader makes it, so ``scanpy.pl.spatial``
+        draws the predictions over the slide as it is: ``hires`` (longer side 2,000 px) and
+        ``lowres`` (600 px) images cut from the slide, their scale factors to level-0 pixels, and
+        the diameter to draw: a tile's side, or 0.55 × the spacing of given spots (the ratio of
+        Visium's and legacy ST's spots to their pitch)."""
+        from .slides import open_slide
+
+        source = str(self.provenance.get("slide_path", ""))
+        side = float(self.provenance.get("patch_um", 0.0)) / self.mpp
+        diameter = side
+        if self.id_column == "spot" and len(xy) > 1:
+            from scipy.spatial import cKDTree
+
+            distance, _ = cKDTree(xy).query(xy, k=2)
+            spacing = float(np.median(distance[:, 1]))
+            diameter = 0.55 * spacing if spacing > 0 else side
+        entry = {"scalefactors": {"spot_diameter_fullres": diameter}, "metadata": {"source_image_path": source}, "images": {}}
+        if not source:
+            entry["scalefactors"].update(tissue_hires_scalef=1.0, tissue_lowres_scalef=1.0)
+            return entry
+        slide = open_slide(source, mpp=self.mpp)
+        try:
+            for name, longest in (("hires", 2000), ("lowres", 600)):
+                image = slide.thumbnail(longest)
+                entry["images"][name] = image
+                entry["scalefactors"][f"tissue_{name}_scalef"] = image.shape[1] / slide.width
+        finally:
+            slide.close()
+        return entry
 
     # QuPath's GeoJSON import (File > Import objects): a FeatureCollection whose features carry
     # ``properties.objectType`` ("tile", "detection", ...), an optional ``name``, and
