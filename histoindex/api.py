@@ -227,6 +227,69 @@ def default_read_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
+@dataclass
+class QuerySession:
+    """What every slide of a query shares, loaded once: the store at one ``spots`` version, the
+    model (with the query's views) and the matching reference rows."""
+
+    store: Store
+    record: object
+    cfg: object
+    model: object
+    references: References
+    k: int
+    device: object
+    precision: str
+
+
+def open_query(
+    *,
+    db: str | Path,
+    tissue: str | None = None,
+    platform: str | None = None,
+    species: str | None = None,
+    where: str | None = None,
+    k: int = 50,
+    as_of: int | str | None = None,
+    model_id: str | None = None,
+    device: str | None = None,
+    batch_size: int = 64,
+    search_mode: str = "auto",
+    precision: str = "auto",
+    views: int | None = None,
+    log: Log = _quiet,
+) -> QuerySession:
+    """Check a query's options and load what its slides share (see :func:`query`)."""
+    from .embed import resolve_device, resolve_precision
+    from .models import load_model
+
+    if k < 1:
+        raise InputError(f"--k must be at least 1, got {k}")
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    if views is not None and not 1 <= views <= 8:
+        raise InputError(f"--views must be 1..8, got {views}")
+    store = Store(db)
+    version = int(as_of) if as_of is not None and str(as_of).isdigit() else as_of
+    spots_tbl = store.table("spots", version=version)
+    version = spots_tbl.version
+    record = store.query_model(version=version, model_id=model_id)
+    cfg = record.cfg
+    torch_device = resolve_device(device)
+    precision = resolve_precision(precision, torch_device)
+    scope = Scope(model_id=record.model_id, tissue=tissue, platform=platform, species=species, where=where)
+    check_filter_values(store, version=version, model_id=record.model_id, tissue=tissue, platform=platform, species=species)
+    references = References(store, scope, version=version, mode=search_mode, device=str(torch_device))  # a bad filter fails here
+    k_eff = min(k, references.n)
+    if k_eff < k:
+        log(f"warning: --k {k} is more than the {references.n} reference spots that match; averaging all {references.n}")
+    if views is not None:  # fewer views: faster (each view is a backbone pass), a little less accurate
+        cfg = cfg.replace(views=views)
+    model = load_model(record.cfg, record.weights(), device=torch_device)
+    model.cfg = cfg  # the views to average (the weights are the same)
+    return QuerySession(store=store, record=record, cfg=cfg, model=model, references=references, k=k_eff, device=torch_device, precision=precision)
+
+
 def query(
     slide_path: str | Path,
     *,
@@ -251,6 +314,7 @@ def query(
     keep_predictions: bool = True,
     progress: Progress | None = None,
     log: Log = _quiet,
+    session: QuerySession | None = None,
 ) -> QueryResult:
     """Impute expression over a slide (tissue tiles of the model's patch size, or the positions in
     ``spots``) by top-k retrieval against the reference expression embeddings. Each gene in
@@ -260,39 +324,29 @@ def query(
     them in batches (``precision``: auto / fp32 / bf16), and every ``SEARCH_CHUNK`` tiles are
     searched, imputed and written, so memory stays flat however large the slide. ``out`` and the
     ``predictions`` table (one new version) appear only when the whole slide is done; with
-    ``keep_predictions=False`` the result carries no prediction matrix."""
-    from .embed import resolve_device, resolve_precision
-    from .models import load_model
+    ``keep_predictions=False`` the result carries no prediction matrix. ``session`` (from
+    :func:`open_query`) replaces the store, model and filter options: many slides, one load."""
     from .pipeline import predict
 
     started = time.perf_counter()
     if out is not None:
         out = check_output_path(out)
-    if k < 1:
-        raise InputError(f"--k must be at least 1, got {k}")
-    if batch_size < 1:
+    if session is None:
+        session = open_query(
+            db=db, tissue=tissue, platform=platform, species=species, where=where, k=k, as_of=as_of, model_id=model_id,
+            device=device, batch_size=batch_size, search_mode=search_mode, precision=precision, views=views, log=log,
+        )  # fmt: skip
+    elif batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
-    store = Store(db)
-    version = int(as_of) if as_of is not None and str(as_of).isdigit() else as_of
-    spots_tbl = store.table("spots", version=version)
-    version = spots_tbl.version
-    record = store.query_model(version=version, model_id=model_id)
-    cfg = record.cfg
+    store, record, cfg, model, references = session.store, session.record, session.cfg, session.model, session.references
+    torch_device, precision, k_eff = session.device, session.precision, session.k
     if plot:  # checked now, not after minutes of embedding
         if out is None:
             raise InputError("--plot needs --out: pictures are drawn from the predictions file")
         if out.suffix.lower() not in TABLE_SUFFIXES:
             raise InputError(f"--plot draws from a .parquet or .h5ad --out, not {out.name}")
         plot = check_gene_names(plot, cfg.genes, where=f"model {record.model_id}")
-    torch_device = resolve_device(device)
-    precision = resolve_precision(precision, torch_device)
-    scope = Scope(model_id=record.model_id, tissue=tissue, platform=platform, species=species, where=where)
-    check_filter_values(store, version=version, model_id=record.model_id, tissue=tissue, platform=platform, species=species)
-    references = References(store, scope, version=version, mode=search_mode, device=str(torch_device))  # a bad filter fails here
     predicate, path = references.where, references.path
-    k_eff = min(k, references.n)
-    if k_eff < k:
-        log(f"warning: --k {k} is more than the {references.n} reference spots that match; averaging all {references.n}")
 
     slide = open_slide(slide_path, mpp=mpp)
     try:
@@ -315,13 +369,6 @@ def query(
     log(
         f"{n} {'spots' if spots is not None else 'tissue tiles'} of {cfg.patch_um:g} µm on {Path(slide_path).name} ({grid.mpp:.3g} µm/px); {path} search over {references.n} references on {torch_device} ({precision})"
     )
-    if views is not None:  # fewer views: faster (each view is a backbone pass), a little less accurate
-        if not 1 <= views <= 8:
-            raise InputError(f"--views must be 1..8, got {views}")
-        cfg = cfg.replace(views=views)
-    model = load_model(record.cfg, record.weights(), device=torch_device)
-    model.cfg = cfg  # the views to average (the weights are the same)
-
     run_id = uuid.uuid4().hex[:12]
     slide_name = Path(slide_path).name
     created_at = datetime.now(timezone.utc)
@@ -471,6 +518,104 @@ def query(
 
 
 # ---- pictures -----------------------------------------------------------------------------
+@dataclass
+class CohortResult:
+    """What a many-slide query did, slide by slide."""
+
+    predicted: list[QueryResult] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # slide, why
+    failed: list[tuple[str, str]] = field(default_factory=list)  # slide, the error
+
+    def to_dict(self) -> dict:
+        return {
+            "predicted": [
+                {"slide": r.slide, "tiles": r.n_tiles, "out": str(r.out) if r.out else None, "run_id": r.run_id, "seconds": round(r.seconds, 2)}
+                for r in self.predicted
+            ],
+            "skipped": [{"slide": s, "reason": why} for s, why in self.skipped],
+            "failed": [{"slide": s, "error": err} for s, err in self.failed],
+            "tiles": sum(r.n_tiles for r in self.predicted),
+        }
+
+
+def read_slide_manifest(path: str | Path) -> list[tuple[str, float | None]]:
+    """A cohort's slides from a CSV or Parquet manifest: a ``slide`` column (paths relative to the
+    manifest's folder, or absolute) and an optional ``mpp`` column."""
+    import polars as pl
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"manifest not found: {path}")
+    try:
+        frame = pl.read_parquet(path) if path.suffix.lower() == ".parquet" else pl.read_csv(path)
+    except Exception as exc:
+        raise InputError(f"cannot read manifest {path}: {exc}") from None
+    if "slide" not in frame.columns:
+        raise InputError(f"manifest {path} has no 'slide' column (columns: {', '.join(frame.columns)})")
+    mpps = frame["mpp"].cast(pl.Float64, strict=False).to_list() if "mpp" in frame.columns else [None] * frame.height
+    slides = []
+    for slide, mpp in zip(frame["slide"].cast(pl.String).to_list(), mpps):
+        if not slide:
+            raise InputError(f"manifest {path} has an empty slide path")
+        slide_path = Path(slide) if Path(slide).is_absolute() else path.parent / slide
+        slides.append((str(slide_path), mpp))
+    return slides
+
+
+def query_cohort(
+    slides: Sequence[str | Path | tuple[str | Path, float | None]],
+    *,
+    db: str | Path,
+    out_dir: str | Path | None = None,
+    out_format: str = "parquet",
+    redo: bool = False,
+    mpp: float | None = None,
+    workers: int | None = None,
+    batch_size: int = 64,
+    progress: Progress | None = None,
+    log: Log = _quiet,
+    **options,
+) -> CohortResult:
+    """Predict many slides with one load of the model and the references (``options``: those of
+    :func:`open_query`). Each slide is one commit to ``predictions`` and, with ``out_dir``, one
+    ``<slide stem>.<out_format>`` file. A slide already predicted by the same model against the
+    same ``spots`` version (and with its file present) is skipped unless ``redo``; a slide that
+    fails is reported and the others go on."""
+    entries = [(str(s[0]), s[1]) if isinstance(s, tuple) else (str(s), None) for s in slides]
+    if not entries:
+        raise InputError("no slides given")
+    names = [Path(s).name for s, _ in entries]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise InputError(f"slide names repeat ({', '.join(repeated)}): predictions are keyed by the slide's file name")
+    suffix = "." + out_format.lower().lstrip(".")
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        check_output_path(out_dir / f"x{suffix}")
+    session = open_query(db=db, batch_size=batch_size, log=log, **options)
+    result = CohortResult()
+    for i, (slide, slide_mpp) in enumerate(entries, 1):
+        name = Path(slide).name
+        out = out_dir / f"{Path(slide).stem}{suffix}" if out_dir is not None else None
+        if not redo and (out is None or out.exists()):
+            done = session.store.predicted_slide(name, model_id=session.record.model_id, spots_version=session.references.spots_version)
+            if done:
+                result.skipped.append((name, f"already predicted by {session.record.model_id} against spots@{session.references.spots_version}"))
+                log(f"[{i}/{len(entries)}] {name}: already predicted (same model and spots version); --redo to predict again")
+                continue
+        try:
+            r = query(slide, db=db, out=out, mpp=slide_mpp if slide_mpp is not None else mpp, workers=workers, batch_size=batch_size,
+                      keep_predictions=False, progress=progress, log=log, session=session)  # fmt: skip
+        except (InputError, StoreError, OSError) as exc:
+            result.failed.append((name, str(exc)))
+            log(f"[{i}/{len(entries)}] {name}: failed: {exc}")
+            continue
+        result.predicted.append(r)
+        log(f"[{i}/{len(entries)}] {name}: {r.n_tiles} tiles in {r.seconds:.1f} s")
+    return result
+
+
 def plot(
     predictions: str | Path,
     *,

@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import warnings
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -391,15 +392,33 @@ def ingest(reference, tissue, platform, species, dataset, model_id, db, image, m
 
 
 @cli.command()
-@click.argument("slide", type=click.Path(dir_okay=False))
+@click.argument("slides", nargs=-1, type=click.Path(dir_okay=False))
+@click.option(
+    "--slides",
+    "manifest",
+    type=click.Path(dir_okay=False),
+    help="A CSV/Parquet manifest of slides: a 'slide' column (paths relative to it) and optional 'mpp'.",
+)
 @click.option("--tissue", help="Only reference spots of this tissue.")
 @click.option("--platform", help="Only reference spots of this platform.")
 @click.option("--species", help="Only reference spots of this species.")
 @click.option("--where", help="Extra SQL filter on the spots table, e.g. \"dataset IN ('a', 'b')\".")
 @click.option("--k", type=int, default=50, show_default=True, help="Neighbours averaged per tile.")
 @click.option(
-    "--out", type=click.Path(dir_okay=False), help="Write predictions to .parquet, .h5ad or .geojson (QuPath: File > Import objects; genes as measurements)."
+    "--out",
+    type=click.Path(),
+    help="Write predictions to .parquet, .h5ad or .geojson (QuPath: File > Import objects; genes as measurements); for several slides, a folder.",
 )
+@click.option(
+    "--format",
+    "out_format",
+    type=click.Choice(["parquet", "h5ad", "geojson"]),
+    default="parquet",
+    show_default=True,
+    help="File type per slide when --out is a folder.",
+)
+@click.option("--redo", is_flag=True, help="Predict slides again that were already predicted by this model against this spots version.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary of a many-slide query as JSON.")
 @click.option("--mpp", type=float, help="Micrometres per pixel, when the slide has none (or to override it).")
 @click.option("--as-of", help="Search the spots table as of this version (number or tag).")
 @click.option("--spots", "spots_file", type=click.Path(dir_okay=False), help="Predict at these positions: .h5ad, or CSV/Parquet with spot,x,y.")
@@ -427,13 +446,17 @@ def ingest(reference, tissue, platform, species, dataset, model_id, db, image, m
 @precision_option
 @handle_errors
 def query(
-    slide,
+    slides,
+    manifest,
     tissue,
     platform,
     species,
     where,
     k,
     out,
+    out_format,
+    redo,
+    as_json,
     mpp,
     as_of,
     spots_file,
@@ -447,12 +470,47 @@ def query(
     device,
     precision,
 ):
-    """Impute expression over a slide by retrieval from the reference.
+    """Impute expression over a slide, or many, by retrieval from the reference.
 
-    Example:
+    Several slides (or --slides MANIFEST, or --out ending in /) load the model and the references
+    once, write one file per slide into the --out folder and commit each slide's predictions on its
+    own; slides already predicted by the same model against the same spots version are skipped
+    (--redo predicts them again), a slide that fails is reported and the others go on, and the exit
+    code is 1 when any failed.
+
+    Examples:
 
         histoindex query slide.svs --tissue liver --out slide.parquet --db liver.db --plot FASN
+
+        histoindex query cohort/*.svs --tissue liver --out preds/ --db liver.db
     """
+    entries = [(s, None) for s in slides] + (api.read_slide_manifest(manifest) if manifest else [])
+    if not entries:
+        raise click.UsageError("give a slide (or several, or --slides MANIFEST)")
+    cohort = len(entries) > 1 or manifest is not None or (out is not None and (out.endswith("/") or Path(out).is_dir()))
+    if cohort:
+        if spots_file or plot_genes:
+            raise click.UsageError("--spots and --plot take one slide")
+        if workers is not None and workers < 0:
+            raise click.BadParameter("must be 0 or more", param_hint="--workers")
+        with ProgressBars() as bars:
+            result = api.query_cohort(
+                entries, db=db, out_dir=out, out_format=out_format, redo=redo, mpp=mpp, workers=workers, batch_size=batch_size, progress=bars, log=_log,
+                tissue=tissue, platform=platform, species=species, where=where, k=k, as_of=as_of, model_id=model_id, device=device,
+                search_mode=search_mode, precision=precision, views=views,
+            )  # fmt: skip
+        if as_json:
+            click.echo(json.dumps(result.to_dict(), indent=2))
+        else:
+            tiles = sum(r.n_tiles for r in result.predicted)
+            click.echo(f"{len(result.predicted)} slides predicted ({tiles} tiles), {len(result.skipped)} skipped, {len(result.failed)} failed")
+            for slide, error in result.failed:
+                click.echo(f"failed: {slide}: {error}", err=True)
+        if result.failed:
+            click.get_current_context().exit(1)
+        return
+    (slide, slide_mpp) = entries[0]
+    mpp = mpp if slide_mpp is None else slide_mpp
     if plot_genes and not out:
         raise click.UsageError("--plot needs --out: pictures are drawn from the predictions file")
     if workers is not None and workers < 0:

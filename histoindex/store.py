@@ -677,6 +677,12 @@ class Store:
         return self.refresh_indexes()
 
     # ---- predictions --------------------------------------------------------------------
+    def predicted_slide(self, slide: str, *, model_id: str, spots_version: int) -> bool:
+        """Whether ``predictions`` holds a run of ``slide`` (its file name) by this model against
+        this ``spots`` version (each run is one commit: present means whole)."""
+        where = f"slide = {sql_literal(slide)} AND model_id = {sql_literal(model_id)} AND spots_version = {int(spots_version)}"
+        return self.table("predictions").count_rows(where) > 0
+
     def add_predictions(self, rows: pa.Table | Iterable[pa.RecordBatch]) -> int:
         """Append prediction rows in one commit; ``rows`` may be a stream of record batches, which
         LanceDB writes as they come (nothing is committed if the stream fails)."""

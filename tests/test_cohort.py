@@ -1,0 +1,84 @@
+"""Many slides in one `histoindex query`: one load of the model, one file and one commit per slide,
+resumable (same model and spots version → skipped), failures reported while the others go on."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import polars as pl
+
+from histoindex.store import Store
+
+from .conftest import run
+
+
+def _cohort(sections, tmp_path):
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    slides = [shutil.copy(src, folder / name) for src, name in ((sections.heldout_tif, "a.tif"), (sections.other_tif, "b.tif"))]
+    return folder, slides
+
+
+def _rows_per_slide(store) -> dict[str, int]:
+    frame = pl.from_arrow(Store(store).table("predictions").to_arrow().select(["slide", "run_id"]))
+    return {row["slide"]: row["runs"] for row in frame.group_by("slide").agg(pl.col("run_id").n_unique().alias("runs")).to_dicts()}
+
+
+def test_a_cohort_gives_what_single_queries_give_and_resumes(store, sections, tmp_path):
+    folder, slides = _cohort(sections, tmp_path)
+    out = tmp_path / "preds"
+    versions_before = Store(store).table("predictions").version
+    result = run("query", *slides, "--tissue", "breast", "--out", f"{out}/", "--db", store)
+    assert "2 slides predicted" in result.output and "0 skipped, 0 failed" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["a.parquet", "b.parquet"]
+    assert Store(store).table("predictions").version == versions_before + 2  # one commit per slide
+    assert _rows_per_slide(store) == {"a.tif": 1, "b.tif": 1}
+
+    single = tmp_path / "single.parquet"
+    run("query", slides[1], "--tissue", "breast", "--out", single, "--db", store)
+    genes = list(Store(store).model().cfg.genes)
+    a, b = pl.read_parquet(out / "b.parquet"), pl.read_parquet(single)
+    assert a["tile_id"].to_list() == b["tile_id"].to_list()
+    np.testing.assert_allclose(a.select(genes).to_numpy(), b.select(genes).to_numpy(), rtol=1e-5, atol=1e-6)
+
+    # run again: nothing to do; --redo predicts again
+    again = run("query", *slides, "--tissue", "breast", "--out", out, "--db", store)
+    assert "0 slides predicted (0 tiles), 2 skipped" in again.output
+    assert "already predicted" in again.output
+    redo = run("query", *slides, "--tissue", "breast", "--out", out, "--redo", "--json", "--db", store)
+    summary = json.loads(redo.stdout[redo.stdout.index("{") :])
+    assert [p["slide"] for p in summary["predicted"]] == ["a.tif", "b.tif"] and summary["skipped"] == []
+
+
+def test_a_failing_slide_is_reported_and_the_others_go_on(store, sections, tmp_path):
+    folder, slides = _cohort(sections, tmp_path)
+    broken = folder / "broken.tif"
+    broken.write_bytes(np.random.default_rng(0).bytes(4000))
+    manifest = tmp_path / "manifest.csv"
+    pl.DataFrame({"slide": ["slides/a.tif", "slides/broken.tif", "slides/b.tif"], "mpp": [None, None, None]}).write_csv(manifest)
+    result = run("query", "--slides", manifest, "--tissue", "breast", "--out", tmp_path / "preds", "--db", store, ok=False)
+    assert result.exit_code == 1
+    assert "2 slides predicted" in result.output and "1 failed" in result.output
+    assert "failed: broken.tif: cannot open slide" in result.output
+    assert sorted(p.name for p in (tmp_path / "preds").iterdir()) == ["a.parquet", "b.parquet"]
+    # the re-run skips what is done and tries the failed one again
+    again = run("query", "--slides", manifest, "--tissue", "breast", "--out", tmp_path / "preds", "--db", store, ok=False)
+    assert "0 slides predicted (0 tiles), 2 skipped, 1 failed" in again.output
+
+
+def test_cohort_input_errors(store, sections, tmp_path):
+    _, slides = _cohort(sections, tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    twin = shutil.copy(slides[0], other / "a.tif")
+    cases = [
+        (["query", slides[0], twin, "--out", tmp_path / "p"], "slide names repeat (a.tif)"),
+        (["query", *slides, "--spots", sections.heldout_h5ad], "--spots and --plot take one slide"),
+        (["query", "--slides", tmp_path / "missing.csv"], "manifest not found"),
+        (["query"], "give a slide"),
+    ]
+    for args, message in cases:
+        result = run(*args, "--db", store, ok=False)
+        assert result.exit_code != 0 and message in result.output, (args, result.output)
