@@ -27,7 +27,7 @@ from histoindex.store import Store  # noqa: E402
 from histoindex.synthetic import make_section, write_section  # noqa: E402
 
 #: the tests' fast model (tests/conftest.py TRAIN_ARGS)
-TINY_MODEL = "--backbone resnet10t --weights none --fine-tune --views 1 --batch-size 64 --patch-px 64 --patch-um 110 --epochs 8 --n-genes 48 --lr 1e-3 --seed 0"
+TINY_MODEL = "--backbone resnet10t --weights none --fine-tune --views 1 --batch-size 64 --patch-px 64 --patch-um 110 --epochs 8 --n-genes 48 --lr 1e-3 --seed 0 --stain none"
 
 
 def histoindex(*args) -> str:

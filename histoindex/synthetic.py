@@ -1,11 +1,15 @@
 """A synthetic H&E-like section whose spot expression is caused by its morphology.
 
 Four tissue "cell types" (tumour, stroma, immune, adipose) each have their own look (background
-colour, nucleus size, density and darkness) and their own gene programme. A section mixes them in
+stain, nucleus size, density and darkness) and their own gene programme. A section mixes them in
 smooth regions; at each spot the expression is drawn from the programmes weighted by the fraction
 of the spot covered by each type, plus a per-spot library size and Poisson noise. Programmes are
 fixed by ``programme_seed`` and shared by every section; layout and noise come from ``seed``, so
 sections with different seeds are independent held-out data for the same biology.
+
+Pixels are rendered from haematoxylin and eosin amounts through the Beer–Lambert law (Ruifrok and
+Johnston's stain optical densities), as light through a stained section, so that stain
+normalisation (Macenko) treats the image as it treats real H&E.
 """
 
 from __future__ import annotations
@@ -19,13 +23,18 @@ from scipy import ndimage
 from .data import ImageRef, SpotSet
 
 CELL_TYPES = ("tumour", "stroma", "immune", "adipose")
-# per type: background RGB, nucleus RGB, nuclei per 1000 µm², nucleus radius µm
+# per type: background (H, E) and nucleus (H, E) stain amounts (optical density along the unit stain
+# vectors), nuclei per 1000 µm², nucleus radius µm
 _LOOK = {
-    "tumour": ((214, 160, 200), (72, 30, 110), 9.0, 4.5),
-    "stroma": ((236, 150, 175), (110, 50, 130), 2.5, 2.5),
-    "immune": ((200, 150, 205), (45, 20, 90), 22.0, 2.5),
-    "adipose": ((248, 236, 242), (150, 90, 160), 0.6, 3.0),
+    "tumour": ((0.31, 0.26), (1.95, 0.76), 9.0, 4.5),
+    "stroma": ((0.22, 0.40), (1.33, 0.70), 2.5, 2.5),
+    "immune": ((0.39, 0.27), (2.68, 0.64), 22.0, 2.5),
+    "adipose": ((0.055, 0.041), (0.86, 0.45), 0.6, 3.0),
 }
+#: optical densities of haematoxylin and eosin per RGB channel (Ruifrok & Johnston 2001), unit length
+_STAINS = np.array([[0.650, 0.704, 0.286], [0.072, 0.990, 0.105]], np.float32)
+_STAINS /= np.linalg.norm(_STAINS, axis=1, keepdims=True)
+_GLASS = (0.08, 0.0)
 _SIGNATURES = {
     "tumour": ["FASN", "KRT8", "KRT18", "ERBB2", "MUC1", "SCD", "EPCAM", "CDH1"],
     "stroma": ["COL1A1", "COL1A2", "COL3A1", "VIM", "MGP", "DCN", "LUM", "FN1"],
@@ -95,11 +104,11 @@ def make_section(
     yy, xx = np.mgrid[0:size_px, 0:size_px] / size_px - 0.5
     tissue = (tissue * 0.3 - (xx**2 + yy**2) * 4.5 + 0.6) > 0  # one irregular blob
 
-    image = np.empty(shape + (3,), np.float32)
+    stain = np.zeros(shape + (2,), np.float32)  # haematoxylin and eosin amounts per pixel
     for t, cell_type in enumerate(CELL_TYPES):
         background, nucleus, density, radius = _LOOK[cell_type]
         mask = labels == t
-        image[mask] = background
+        stain[mask] = background
         n_nuclei = rng.poisson(density * mask.sum() * mpp**2 / 1000.0)
         ys = rng.integers(0, size_px, n_nuclei)
         xs = rng.integers(0, size_px, n_nuclei)
@@ -109,10 +118,11 @@ def make_section(
         r_px = max(radius / mpp, 0.8)
         blob = ndimage.gaussian_filter(points, r_px / 1.5) * (2 * np.pi * (r_px / 1.5) ** 2)
         alpha = np.clip(blob * 1.6, 0, 1)[..., None] * mask[..., None]
-        image = image * (1 - alpha) + np.asarray(nucleus, np.float32) * alpha
-    image += rng.normal(0, 6, image.shape).astype(np.float32)  # stain and sensor noise
-    glass = np.array([243, 242, 245], np.float32) + rng.normal(0, 2, image.shape).astype(np.float32)
-    image = np.where(tissue[..., None], image, glass)
+        stain = stain * (1 - alpha) + np.asarray(nucleus, np.float32) * alpha
+    stain *= rng.lognormal(0, 0.08, shape + (2,)).astype(np.float32)  # uneven staining
+    stain = np.where(tissue[..., None], stain, np.asarray(_GLASS, np.float32))
+    image = 256.0 * np.exp(-(stain @ _STAINS)) - 1.0  # Beer-Lambert: transmitted light
+    image += rng.normal(0, 2, image.shape).astype(np.float32)  # sensor noise
     image = np.clip(image, 0, 255).astype(np.uint8)
 
     # hexagonal spot grid, kept where the whole spot is on tissue
