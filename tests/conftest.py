@@ -47,6 +47,12 @@ TRAIN_ARGS = [
 ]
 
 
+#: a tiny random-init timm backbone, for tests that need the pipeline to run, not to learn
+TINY_BACKBONE = ["--backbone", "test_resnet", "--weights", "none", "--fine-tune", "--views", "1", "--patch-px", "32"]
+#: the tiny backbone trained for one epoch on 20 genes (the tests on ../shared/data)
+ONE_EPOCH_MODEL = [*TINY_BACKBONE, "--patch-um", "110", "--epochs", "1", "--n-genes", "20", "--batch-size", "16"]
+
+
 def run(*args: str, ok: bool = True):
     """Invoke the real CLI; with ok=True, fail the test (showing output) on a non-zero exit."""
     result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
@@ -98,3 +104,14 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not available: {SHARED_DATA} is absent")
     return SHARED_DATA
+
+
+def error_line(result, *naming: str) -> str:
+    """The one `Error:` line of a failed command, which must name what it says (file and problem)."""
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(lines) == 1, result.output
+    for text in naming:
+        assert str(text) in lines[0], (text, lines[0])
+    return lines[0]

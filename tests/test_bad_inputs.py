@@ -10,23 +10,12 @@ from PIL import Image
 
 from histoindex.store import Store
 
-from .conftest import run
+from .conftest import error_line, run
 
 
 def _snapshot(db):
     store = Store(db)
     return store.versions(), [m.model_id for m in store.models()], {name: store.table(name).count_rows() for name in store.table_names()}
-
-
-def _error(result, *naming: str) -> str:
-    """The one `Error:` line of a failed command, which must name what it says (file and problem)."""
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("Error: ")]
-    assert len(lines) == 1, result.output
-    for text in naming:
-        assert str(text) in lines[0], (text, lines[0])
-    return lines[0]
 
 
 def test_h5ad_without_spatial(store, sections, tmp_path):
@@ -147,7 +136,7 @@ def test_unreadable_h5ad(store, sections, tmp_path):
     before = _snapshot(store)
     for bad, problem in ((truncated, "truncated file"), (text, "file signature not found")):
         result = run("ingest", bad, "--tissue", "breast", "--db", store, ok=False)
-        _error(result, f"Error: cannot read {bad} as AnnData .h5ad", problem)
+        error_line(result, f"Error: cannot read {bad} as AnnData .h5ad", problem)
     assert _snapshot(store) == before
 
 
@@ -180,7 +169,7 @@ def test_bad_values_in_an_h5ad(store, sections, tmp_path, change, problem):
     bad = _h5ad(sections, tmp_path, "bad.h5ad", change)
     before = _snapshot(store)
     result = run("ingest", bad, "--tissue", "breast", "--db", store, ok=False)
-    _error(result, bad, problem.format(bad=bad))
+    error_line(result, bad, problem.format(bad=bad))
     assert _snapshot(store) == before
 
 
@@ -195,9 +184,9 @@ def test_reference_genes_must_cover_the_model(store, sections, tmp_path):
     adata[:, [g for g in adata.var_names if g not in dropped]].copy().write_h5ad(partial)
     before = _snapshot(store)
     result = run("ingest", renamed, "--tissue", "breast", "--db", store, ok=False)
-    _error(result, f"all of the model's {len(genes)} genes are missing from {renamed} (its genes are like ENSG00000000000", "symbols vs Ensembl ids")
+    error_line(result, f"all of the model's {len(genes)} genes are missing from {renamed} (its genes are like ENSG00000000000", "symbols vs Ensembl ids")
     result = run("ingest", partial, "--tissue", "breast", "--db", store, ok=False)
-    line = _error(result, f"{partial} lacks 2 of the model's {len(genes)} genes", "histoindex train --genes FILE")
+    line = error_line(result, f"{partial} lacks 2 of the model's {len(genes)} genes", "histoindex train --genes FILE")
     assert all(g in line for g in dropped)
     assert _snapshot(store) == before
 
@@ -220,7 +209,7 @@ def test_bad_slides(store, sections, tmp_path):
     ]
     for slide, extra, message in cases:
         result = run("query", slide, "--tissue", "breast", *extra, "--db", store, ok=False)
-        _error(result, message)
+        error_line(result, message)
     assert _snapshot(store) == before
 
 
@@ -231,13 +220,13 @@ def test_blank_or_misplaced_reference_images(store, sections, tmp_path):
     Image.fromarray(np.asarray(Image.open(sections.other_tif))[:300, :300]).save(small)
     before = _snapshot(store)
     result = run("ingest", sections.other_h5ad, "--image", black, "--mpp", "1", "--tissue", "breast", "--db", store, ok=False)
-    _error(result, "Error: black.png is blank where the spots are: its pixels are all about (0, 0, 0)", "--image")
+    error_line(result, "Error: black.png is blank where the spots are: its pixels are all about (0, 0, 0)", "--image")
     result = run("ingest", sections.other_h5ad, "--image", small, "--mpp", "1", "--tissue", "breast", "--db", store, ok=False)
-    _error(result, f"Error: {sections.other_h5ad}: ", "spot centres fall outside small.png (300×300 px;", "is this the image the spot positions refer to")
+    error_line(result, f"Error: {sections.other_h5ad}: ", "spot centres fall outside small.png (300×300 px;", "is this the image the spot positions refer to")
     assert _snapshot(store) == before
     # training refuses them too, before any epoch, and creates no store
     result = run("train", sections.other_h5ad, "--image", black, "--mpp", "1", "--db", tmp_path / "new", ok=False)
-    _error(result, "black.png is blank where the spots are")
+    error_line(result, "black.png is blank where the spots are")
     assert not (tmp_path / "new").exists()
 
 
@@ -248,7 +237,7 @@ def test_space_ranger_test_data_has_a_black_hires_image(shared_data, tmp_path):
     if not folder.is_dir():
         pytest.skip(f"real data not available: {folder} is absent")
     result = run("train", folder, "--db", tmp_path / "new", "--n-genes", "20", ok=False)
-    _error(result, "tissue_hires_image.png is blank where the spots are: its pixels are all about (0, 0, 0)")
+    error_line(result, "tissue_hires_image.png is blank where the spots are: its pixels are all about (0, 0, 0)")
     assert not (tmp_path / "new").exists()
 
 
@@ -259,9 +248,9 @@ def test_query_positions_off_the_slide(store, sections, tmp_path):
     gaps.write_text("spot,x,y\na,100,100\nb,,5\n")
     before = _snapshot(store)
     result = run("query", sections.heldout_tif, "--tissue", "breast", "--spots", off, "--db", store, ok=False)
-    _error(result, f"Error: spots file {off}: 1 of 2 positions fall outside syn-heldout.tif (2600×2600 px), e.g. spot b at (1000000, 5)")
+    error_line(result, f"Error: spots file {off}: 1 of 2 positions fall outside syn-heldout.tif (2600×2600 px), e.g. spot b at (1000000, 5)")
     result = run("query", sections.heldout_tif, "--tissue", "breast", "--spots", gaps, "--db", store, ok=False)
-    _error(result, f"Error: spots file {gaps}: 1 position(s) are missing, NaN or infinite (e.g. spot b)")
+    error_line(result, f"Error: spots file {gaps}: 1 position(s) are missing, NaN or infinite (e.g. spot b)")
     assert _snapshot(store) == before
 
 
@@ -278,10 +267,10 @@ def test_a_folder_that_is_not_a_store(sections, tmp_path):
         ["train", sections.other_h5ad],
     ):
         result = run(*args, "--db", folder, ok=False)
-        _error(result, message)
+        error_line(result, message)
     assert [p.name for p in folder.iterdir()] == ["notes.txt"]
     result = run("info", "--db", folder / "notes.txt", ok=False)
-    _error(result, f"Error: {folder / 'notes.txt'} is a file, not a histoindex store")
+    error_line(result, f"Error: {folder / 'notes.txt'} is a file, not a histoindex store")
 
 
 def test_unknown_model_and_empty_filters(store, sections):
@@ -300,7 +289,7 @@ def test_unknown_model_and_empty_filters(store, sections):
     ]
     for args, message in cases:
         result = run(*args, "--db", store, ok=False)
-        _error(result, message.format(model=model))
+        error_line(result, message.format(model=model))
     assert _snapshot(store) == before
 
 

@@ -19,6 +19,8 @@ from histoindex.errors import InputError
 from histoindex.models import ModelConfig
 from histoindex.recipe import train_model
 
+from .conftest import TINY_BACKBONE
+
 WORLD = 2
 N_SPOTS, N_GENES = 20, 6
 #: dropout 0 and a backbone without batch norm: the only per-process randomness and statistics
@@ -161,15 +163,7 @@ def test_torchrun_ingest_trains_on_every_rank_and_writes_once(sections, tmp_path
         "breast",
         "--db",
         str(db),
-        "--backbone",
-        "test_resnet",
-        "--weights",
-        "none",
-        "--fine-tune",
-        "--views",
-        "1",
-        "--patch-px",
-        "32",
+        *TINY_BACKBONE,
         "--epochs",
         "2",
         "--n-genes",

@@ -27,6 +27,8 @@ from histoindex.errors import InputError, LowResolutionImageWarning
 from histoindex.io import read_spaceranger, read_st
 from histoindex.io.spaceranger import make_names_unique
 
+from .conftest import ONE_EPOCH_MODEL
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 SPACERANGER = DATA / "spaceranger-1.0.0"
@@ -320,23 +322,7 @@ def test_cli_ingests_legacy_st_counts(shared_data, tmp_path):
         "breast",
         "--db",
         db,
-        "--backbone",
-        "test_resnet",
-        "--weights",
-        "none",
-        "--fine-tune",
-        "--views",
-        "1",
-        "--patch-um",
-        "110",
-        "--patch-px",
-        "32",
-        "--epochs",
-        "1",
-        "--n-genes",
-        "20",
-        "--batch-size",
-        "16",
+        *ONE_EPOCH_MODEL,
     ]
     result = CliRunner().invoke(cli, [str(a) for a in args])
     assert result.exit_code == 0, result.output

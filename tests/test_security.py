@@ -17,7 +17,7 @@ from histoindex.errors import StoreError
 from histoindex.models import load_model
 from histoindex.store import Store
 
-from .conftest import TRAIN_ARGS, run
+from .conftest import TRAIN_ARGS, error_line, run
 
 INJECTION = "x' OR 1=1 --"
 
@@ -27,30 +27,20 @@ def _snapshot(db):
     return store.versions(), {name: store.table(name).count_rows() for name in store.table_names()}
 
 
-def _error(result, *naming: str) -> str:
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("Error: ")]
-    assert len(lines) == 1, result.output
-    for text in naming:
-        assert text in lines[0], (text, lines[0])
-    return lines[0]
-
-
 # ---- filter values are matched literally ------------------------------------------------------
 def test_filter_values_never_widen_a_query(store, sections):
     model = Store(store).model().model_id
     before = _snapshot(store)
     for option, column, present in (("--tissue", "tissue", "breast"), ("--platform", "platform", "visium"), ("--species", "species", "human")):
         result = run("query", sections.heldout_tif, option, INJECTION, "--db", store, ok=False)
-        _error(result, f'Error: no reference spots with {column} "{INJECTION}" (model {model}); {column} values present: {present}')
+        error_line(result, f'Error: no reference spots with {column} "{INJECTION}" (model {model}); {column} values present: {present}')
     assert _snapshot(store) == before
 
 
 def test_delete_matches_the_dataset_literally(store, sections):
     before = _snapshot(store)
     result = run("delete", "--dataset", INJECTION, "--db", store, ok=False)
-    _error(result, f'Error: no spots of dataset "{INJECTION}"', "datasets (model): train (")
+    error_line(result, f'Error: no spots of dataset "{INJECTION}"', "datasets (model): train (")
     assert _snapshot(store) == before, "nothing deleted"
 
     # a dataset really called that is stored, queried by --where and deleted as itself, alone
@@ -82,7 +72,7 @@ def test_a_pickle_that_runs_code_is_refused(sections, tmp_path, suffix):
     torch.save({"conv1.weight": torch.zeros(1), "payload": _RunsCode(marker)}, weights)
     db = tmp_path / "db"
     result = run("train", sections.train_h5ad, "--db", db, *TRAIN_ARGS[:2], "--weights", weights, *TRAIN_ARGS[4:], ok=False)
-    _error(result, f"Error: refusing to load weights {weights}: it holds Python objects other than tensors", "never arbitrary pickles")
+    error_line(result, f"Error: refusing to load weights {weights}: it holds Python objects other than tensors", "never arbitrary pickles")
     assert not marker.exists(), "unpickling ran code"
     assert not db.exists()
 
@@ -92,7 +82,7 @@ def test_a_pickle_named_safetensors_is_refused(sections, tmp_path):
     weights = tmp_path / "evil.safetensors"
     torch.save({"payload": _RunsCode(marker)}, weights)
     result = run("train", sections.train_h5ad, "--db", tmp_path / "db", *TRAIN_ARGS[:2], "--weights", weights, *TRAIN_ARGS[4:], ok=False)
-    _error(result, f"Error: cannot read weights {weights}")
+    error_line(result, f"Error: cannot read weights {weights}")
     assert not marker.exists()
 
 
@@ -110,9 +100,9 @@ def test_a_model_whose_config_does_not_match_its_weights_is_refused(store, secti
     before = _snapshot(store)
     out = tmp_path / "p.parquet"
     result = run("query", sections.heldout_tif, "--tissue", "breast", "--out", out, "--db", store, ok=False)
-    _error(result, "Error: the model's config does not match the config saved with its weights (backbone: resnet18 vs resnet10t", "refusing to use it")
+    error_line(result, "Error: the model's config does not match the config saved with its weights (backbone: resnet18 vs resnet10t", "refusing to use it")
     result = run("ingest", sections.other_h5ad, "--tissue", "breast", "--dataset", "other", "--db", store, ok=False)
-    _error(result, "backbone: resnet18 vs resnet10t")
+    error_line(result, "backbone: resnet18 vs resnet10t")
     assert _snapshot(store) == before and not out.exists()
 
     # weights without the saved config (written by other code): their tensors are checked instead
@@ -126,7 +116,7 @@ def test_a_model_config_that_is_not_json_is_refused(store, sections):
     record = Store(store).model()
     Store(store).table("models").update(where=f"model_id = '{record.model_id}'", values={"config_json": "{not json"})
     result = run("query", sections.heldout_tif, "--tissue", "breast", "--db", store, ok=False)
-    _error(result, f"Error: model {record.model_id}: its config_json is not a histoindex model config (JSONDecodeError")
+    error_line(result, f"Error: model {record.model_id}: its config_json is not a histoindex model config (JSONDecodeError")
 
 
 def test_a_reference_missing_model_genes_is_refused(store, sections, tmp_path):
@@ -136,7 +126,7 @@ def test_a_reference_missing_model_genes_is_refused(store, sections, tmp_path):
     adata[:, [g for g in adata.var_names if g != genes[0]]].copy().write_h5ad(partial)
     before = _snapshot(store)
     result = run("ingest", partial, "--tissue", "breast", "--db", store, ok=False)
-    _error(result, f"{partial} lacks 1 of the model's {len(genes)} genes ({genes[0]})")
+    error_line(result, f"{partial} lacks 1 of the model's {len(genes)} genes ({genes[0]})")
     assert _snapshot(store) == before
 
 
@@ -144,10 +134,10 @@ def test_a_patch_of_a_few_pixels_is_refused(store, sections):
     """The model's patch is 110 µm; at 20 µm/px that is 5.5 px, upsampled to 64: noise, not tissue."""
     before = _snapshot(store)
     result = run("query", sections.heldout_tif, "--tissue", "breast", "--mpp", "20", "--db", store, ok=False)
-    _error(result, "Error: syn-heldout.tif: the model's 110 µm patch spans only 5.5 px of the image (20 µm/px); at least 8 px are needed")
+    error_line(result, "Error: syn-heldout.tif: the model's 110 µm patch spans only 5.5 px of the image (20 µm/px); at least 8 px are needed")
     result = run("query", sections.heldout_tif, "--tissue", "breast", "--mpp", "20", "--spots", sections.heldout_h5ad, "--db", store, ok=False)
-    _error(result, "the model's 110 µm patch spans only 5.5 px")
+    error_line(result, "the model's 110 µm patch spans only 5.5 px")
     result = run("ingest", sections.other_h5ad, "--tissue", "breast", "--mpp", "20", "--db", store, ok=False)
-    _error(result, f"Error: {sections.other_h5ad} on syn-other.tif: the model's 110 µm patch spans only 5.5 px")
+    error_line(result, f"Error: {sections.other_h5ad} on syn-other.tif: the model's 110 µm patch spans only 5.5 px")
     assert _snapshot(store) == before
     assert lance.dataset(str(store / "spots.lance")).version == before[0]["spots"][-1]["version"]

@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from .conftest import ONE_EPOCH_MODEL
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REPO = Path(__file__).resolve().parents[1]
 
@@ -147,23 +149,7 @@ def brain_store(tmp_path_factory):
             "mouse",
             "--db",
             db,
-            "--backbone",
-            "test_resnet",
-            "--weights",
-            "none",
-            "--fine-tune",
-            "--views",
-            "1",
-            "--patch-um",
-            "110",
-            "--patch-px",
-            "32",
-            "--epochs",
-            "1",
-            "--n-genes",
-            "20",
-            "--batch-size",
-            "16",
+            *ONE_EPOCH_MODEL,
         ]
     )
     assert ingest.exit_code == 0, describe(ingest)

@@ -15,19 +15,11 @@ from histoindex.errors import StoreError
 from histoindex.models import ModelConfig, create_model, load_model, state_digest
 from histoindex.store import WEIGHTS, Store
 
-from .conftest import run
+from .conftest import TINY_BACKBONE, run
 
 #: a tiny model: seconds to train, deterministic for a seed
 TINY = [
-    "--backbone",
-    "test_resnet",
-    "--weights",
-    "none",
-    "--fine-tune",
-    "--views",
-    "1",
-    "--patch-px",
-    "32",
+    *TINY_BACKBONE,
     "--epochs",
     "2",
     "--n-genes",
