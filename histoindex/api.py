@@ -17,11 +17,12 @@ import pyarrow as pa
 from .config import ModelConfig
 from .data import SPOT_DIAMETER_UM, PatchGrid, SpotSet, check_patch_pixels
 from .errors import InputError, StoreError
+from .io.hest import hest_slide_mpp
 from .io.readers import check_reference_image, read_reference
 from .io.slides import open_slide
 from .io.tables import check_positions_on_slide, read_positions
 from .io.write import TABLE_SUFFIXES, PredictionWriter, check_output_path
-from .patch import spot_stain, stream_spot_patches, tile_grid
+from .patch import check_stride, default_stride_um, spot_stain, stream_spot_patches, tile_grid
 from .plot import check_gene_names, picture_path, plot_predictions  # matplotlib loads only when drawing
 from .recipe import DEFAULT_WEIGHTS, TrainOptions, model_config
 
@@ -58,9 +59,12 @@ def train(
     precision: str = "auto",
     progress: Progress | None = None,
     log: Log = _quiet,
+    embed_after: int = 0,
 ) -> TrainResult:
     """Train a model (``options.method``: bleep or stgchb) on ``references`` and register it
-    (weights + config) in the store.
+    (weights + config) in the store. With a ``log``, the recipe is logged first, then an estimate
+    of the time (the backbone timed on a few patches here; ``embed_after``: spots the caller embeds
+    with the model next, as a first ingest does, counted in it).
 
     Data-parallel over N processes (GPUs, or CPU workers) with
     ``torchrun --nproc-per-node N -m histoindex.cli train ...``: the process group is set up from
@@ -73,12 +77,18 @@ def train(
     if len(set(names)) != len(names):
         raise InputError(f"reference names repeat: {', '.join(names)}; give each a distinct --dataset name")
     Store.exists(db)  # a --db that cannot be a store (a file, a folder of other things) fails now, not after training
-    from .embed import resolve_device, resolve_precision
-    from .recipe import train_model
-
     cfg = model_config(references, options or TrainOptions())
     for reference in references:  # a blank image, or spots off it, would train on nothing
         check_reference_image(reference, patch_um=cfg.patch_um)
+    n_spots = sum(r.n_obs for r in references)
+    weights = f"{cfg.weights} weights" if cfg.weights else "random initialisation"
+    log(
+        f"training {cfg.method}: backbone {cfg.backbone} ({weights}, {'frozen' if cfg.freeze_backbone else 'fine-tuned'}), {cfg.epochs} epochs, "
+        f"{len(cfg.genes)} genes ({', '.join(cfg.genes[:3])}, …), {cfg.patch_um:g} µm patches at {cfg.patch_px} px, on {n_spots:,} spots of {', '.join(names)}"
+    )
+    from .embed import resolve_device, resolve_precision  # torch: seconds to import
+    from .recipe import estimate_training, train_model
+
     torch_device = resolve_device(device)
     precision = resolve_precision(precision, torch_device)
 
@@ -92,8 +102,13 @@ def train(
         if progress is not None:
             progress("backbone features", done, total)
 
-    frozen = f"frozen, features of 8 views per spot ({precision})" if cfg.freeze_backbone else "fine-tuned"
-    log(f"training {cfg.method} ({cfg.backbone} {frozen}, {len(cfg.genes)} genes, {sum(r.n_obs for r in references)} spots) on {torch_device}")
+    def estimate(model) -> None:
+        if log is not _quiet:
+            guess = estimate_training(model, cfg, n_spots, device=torch_device, precision=precision, embed_spots=embed_after)
+            log(f"estimated time on {torch_device} ({precision if cfg.freeze_backbone else 'fp32'}): {guess}")
+
+    if progress is not None and not cfg.freeze_backbone:  # the bar shows while the patches are read
+        progress("epochs", 0, cfg.epochs)
     result = train_model(
         references,
         cfg,
@@ -102,6 +117,7 @@ def train(
         progress=epoch_done,
         precision=precision,
         feature_progress=features_done,
+        on_model=estimate,
     )
     from .distributed import launch_rank
 
@@ -142,11 +158,6 @@ def ingest(
 ) -> IngestResult:
     """Embed every spot of ``reference`` and write them to ``spots`` in one commit (one new table
     version), replacing the dataset's earlier rows. Trains a model first if the store has none."""
-    from .embed import iter_image_features, resolve_device, resolve_precision
-    from .methods import get_method
-    from .models import load_model
-    from .pipeline import counted
-    from .train import TrainSection
 
     for label, value in (("tissue", tissue), ("platform", platform), ("species", species)):
         if not value or not value.strip():
@@ -155,7 +166,8 @@ def ingest(
     trained = False
     model_id = store.ingest_model(model_id, log=log) if store is not None else _no_store_model(model_id)
     if model_id is None:
-        result = train([reference], db=db, options=train_options, device=device, precision=precision, progress=progress, log=log)
+        _announce_training(db, [reference], store, log)
+        result = train([reference], db=db, options=train_options, device=device, precision=precision, progress=progress, log=log, embed_after=reference.n_obs)
         model_id, trained = result.model_id, True
     from .distributed import launch_rank
 
@@ -163,43 +175,192 @@ def ingest(
         return IngestResult(dataset=reference.name, n_spots=reference.n_obs, spots_version=-1, model_id=model_id or "", trained=trained)
     store = Store(db)
     record = store.model(model_id)
-    cfg = record.cfg
-    expression = reference.normalized(list(cfg.genes))  # fails early if genes are missing
-    check_reference_image(reference, patch_um=cfg.patch_um)
-    torch_device = resolve_device(device)
-    model = load_model(cfg, record.weights(), device=torch_device)
-    log(f"embedding {reference.n_obs} spots of {reference.name} with {record.model_id} on {torch_device}")
-    precision = resolve_precision(precision, torch_device)
-    stain = spot_stain(reference, stain=cfg.stain, patch_um=cfg.patch_um, patch_px=cfg.patch_px)
-    patches = normalised(
-        stream_spot_patches(reference, patch_um=cfg.patch_um, patch_px=cfg.patch_px, batch_size=batch_size, workers=default_read_workers()), stain
-    )
-    features = np.concatenate(list(counted(iter_image_features(model, patches, device=torch_device, precision=precision), "spots", reference.n_obs, progress)))
-    section = TrainSection(name=reference.name, expression=expression, xy_um=reference.xy * reference.mpp, features=features)
-    image_emb, expr_emb = get_method(cfg.method).embed_references(model, section, device=torch_device)
-    rows = spot_rows(
-        spot_ids=reference.obs_names,
-        dataset=reference.name,
-        tissue=tissue,
-        platform=platform,
-        species=species,
-        xy=reference.xy,
-        mpp=reference.mpp,
-        image_embedding=image_emb,
-        expression_embedding=expr_emb,
-        expression=expression,
-        source_values=reference.source_values,
-        model_id=record.model_id,
-    )
+    embedder = ReferenceEmbedder(record, device=device, batch_size=batch_size, precision=precision)
+    rows = embedder.rows(reference, tissue=tissue, platform=platform, species=species, progress=progress, log=log)
     version = store.write_dataset(rows, model_id=record.model_id, dataset=reference.name)
     log(f"wrote {reference.n_obs} spots of {reference.name} under model {record.model_id} (spots@{version})")
     return IngestResult(dataset=reference.name, n_spots=reference.n_obs, spots_version=version, model_id=record.model_id, trained=trained)
+
+
+class ReferenceEmbedder:
+    """A model loaded once to embed reference spot sets into ``spots`` rows (nothing is written)."""
+
+    def __init__(self, record, *, device: str | None = None, batch_size: int = 64, precision: str = "auto"):
+        from .embed import resolve_device, resolve_precision
+        from .models import load_model
+
+        self.record, self.cfg, self.batch_size = record, record.cfg, batch_size
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.model = load_model(self.cfg, record.weights(), device=self.device)
+
+    def check(self, reference: SpotSet) -> None:
+        """Fail before any work when the reference does not fit the model (genes, image)."""
+        from .data import check_genes_present
+
+        check_genes_present(list(self.cfg.genes), reference.gene_index(), where=reference.source or reference.name, aliases=reference.gene_aliases)
+        check_reference_image(reference, patch_um=self.cfg.patch_um)
+
+    def rows(self, reference: SpotSet, *, tissue: str, platform: str, species: str, progress: Progress | None = None, log: Log = _quiet) -> pa.Table:
+        from .embed import iter_image_features
+        from .methods import get_method
+        from .pipeline import counted
+        from .train import TrainSection
+
+        cfg = self.cfg
+        expression = reference.normalized(list(cfg.genes))  # fails early if genes are missing
+        check_reference_image(reference, patch_um=cfg.patch_um)
+        log(f"embedding {reference.n_obs} spots of {reference.name} with {self.record.model_id} on {self.device}")
+        stain = spot_stain(reference, stain=cfg.stain, patch_um=cfg.patch_um, patch_px=cfg.patch_px)
+        patches = normalised(
+            stream_spot_patches(reference, patch_um=cfg.patch_um, patch_px=cfg.patch_px, batch_size=self.batch_size, workers=default_read_workers()), stain
+        )
+        features = iter_image_features(self.model, patches, device=self.device, precision=self.precision)
+        features = np.concatenate(list(counted(features, "spots", reference.n_obs, progress)))
+        section = TrainSection(name=reference.name, expression=expression, xy_um=reference.xy * reference.mpp, features=features)
+        image_emb, expr_emb = get_method(cfg.method).embed_references(self.model, section, device=self.device)
+        return spot_rows(
+            spot_ids=reference.obs_names,
+            dataset=reference.name,
+            tissue=tissue,
+            platform=platform,
+            species=species,
+            xy=reference.xy,
+            mpp=reference.mpp,
+            image_embedding=image_emb,
+            expression_embedding=expr_emb,
+            expression=expression,
+            source_values=reference.source_values,
+            model_id=self.record.model_id,
+        )
+
+
+#: embeds many (reference, labels) pairs with one model record into ``spots`` row tables, in order
+EmbedMany = Callable[[object, Sequence[tuple[SpotSet, dict]]], list[pa.Table]]
+
+
+def ingest_many(
+    plans: Sequence[tuple[SpotSet, dict]],
+    *,
+    db: str | Path,
+    model_id: str | None = None,
+    train_options: TrainOptions | None = None,
+    device: str | None = None,
+    batch_size: int = 64,
+    precision: str = "auto",
+    embed_many: EmbedMany | None = None,
+    progress: Progress | None = None,
+    log: Log = _quiet,
+) -> list[IngestResult]:
+    """Ingest many references in one commit: ``plans`` pairs each reference with its labels
+    (tissue, platform, species). With no model in the store one is trained on all of them first;
+    every reference is checked against the model before any is embedded, all are embedded (here
+    with one model load, or by ``embed_many``: e.g. Ray actors), and their rows replace the
+    datasets' earlier rows in one ``spots`` version: all of them or, on any error, none."""
+    from .distributed import launch_rank
+
+    if not plans:
+        raise InputError("no references given")
+    names = [reference.name for reference, _ in plans]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise InputError(f"dataset names repeat ({', '.join(repeated)}): each reference is one dataset; rename the files or ingest them one by one")
+    for _, labels in plans:
+        for label in ("tissue", "platform", "species"):
+            if not labels.get(label) or not str(labels[label]).strip():
+                raise InputError(f"--{label} must not be empty")
+    references = [reference for reference, _ in plans]
+    store = Store(db) if Store.exists(db) else None
+    model_id = store.ingest_model(model_id, log=log) if store is not None else _no_store_model(model_id)
+    trained = model_id is None
+    if trained:
+        _announce_training(db, references, store, log)
+        model_id = train(
+            references, db=db, options=train_options, device=device, precision=precision, progress=progress, log=log,
+            embed_after=sum(r.n_obs for r in references) if embed_many is None else 0,
+        ).model_id  # fmt: skip
+    if launch_rank() != 0:  # under torchrun only training is shared; rank 0 embeds and writes the spots
+        return [IngestResult(dataset=r.name, n_spots=r.n_obs, spots_version=-1, model_id=model_id, trained=trained) for r in references]
+    store = Store(db)
+    record = store.model(model_id)
+    from .data import check_genes_present
+
+    for reference in references:  # nothing is embedded unless every reference fits the model
+        check_genes_present(list(record.cfg.genes), reference.gene_index(), where=reference.source or reference.name, aliases=reference.gene_aliases)
+        check_reference_image(reference, patch_um=record.cfg.patch_um)
+    if embed_many is None:
+        embedder = ReferenceEmbedder(record, device=device, batch_size=batch_size, precision=precision)
+        tables = [embedder.rows(reference, **labels, progress=progress, log=log) for reference, labels in plans]
+    else:
+        tables = embed_many(record, plans)
+    version = store.write_datasets(pa.concat_tables(tables), model_id=record.model_id, datasets=names)
+    log(f"wrote {sum(r.n_obs for r in references)} spots of {len(references)} datasets under model {record.model_id} in one commit (spots@{version})")
+    return [IngestResult(r.name, r.n_obs, version, record.model_id, trained=trained and i == 0) for i, r in enumerate(references)]
+
+
+def _announce_training(db, references: Sequence[SpotSet], store: Store | None, log: Log) -> None:
+    where = "no store yet" if store is None else "no model in the store yet"
+    log(
+        f"{where} ({db}): ingest trains one first on {', '.join(r.name for r in references)} ({sum(r.n_obs for r in references):,} spots), "
+        "then embeds the spots with it; this takes minutes (the recipe and an estimate follow; --model or `histoindex train` choose otherwise)"
+    )
 
 
 def _no_store_model(model_id: str | None) -> None:
     if model_id is not None:
         raise StoreError(f"--model {model_id}: there is no store yet, so no model to embed with")
     return None
+
+
+def ingest_hest(
+    root: str | Path,
+    *,
+    db: str | Path,
+    ids: Sequence[str] = (),
+    where: str | Sequence[str] | dict | None = None,
+    tissue: str | None = None,
+    platform: str | None = None,
+    species: str | None = None,
+    dataset: str | None = None,
+    mpp: float | None = None,
+    log_normalised: bool = False,
+    model_id: str | None = None,
+    train_options: TrainOptions | None = None,
+    device: str | None = None,
+    batch_size: int = 64,
+    precision: str = "auto",
+    embed_many: EmbedMany | None = None,
+    progress: Progress | None = None,
+    log: Log = _quiet,
+) -> list[IngestResult]:
+    """Ingest samples of a HEST-1k folder (:mod:`histoindex.io.hest`), chosen by ``ids`` and/or the
+    metadata selection ``where`` (``KEY=VALUE`` terms), each as its own dataset named by its id,
+    all in one commit (:func:`ingest_many`). tissue / platform / species come from each sample's
+    metadata unless given."""
+    from .io.hest import hest_samples, read_hest
+
+    samples = hest_samples(root, ids, where, log=log)
+    if len(samples) > 1:
+        given = [option for option, value in (("--dataset", dataset), ("--mpp", mpp)) if value is not None]
+        if given:
+            raise InputError(f"{' and '.join(given)} name(s) one sample, but {len(samples)} HEST samples are selected ({', '.join(s.id for s in samples)})")
+    plans = []
+    for sample in samples:
+        labels = {"tissue": tissue or sample.tissue, "platform": platform or sample.platform, "species": species or sample.species}
+        keys = {"tissue": "organ", "platform": "st_technology", "species": "species"}
+        missing = [label for label, value in labels.items() if not value]
+        if missing:
+            raise InputError(
+                f"HEST sample {sample.id}: its metadata has no {', '.join(keys[m] for m in missing)}; pass {' and '.join('--' + m for m in missing)}"
+            )
+        reference = read_hest(root, sample, mpp=mpp, name=dataset, platform=labels["platform"], log_normalised=log_normalised)
+        plans.append((reference, labels))
+        described = f"tissue {labels['tissue']}, platform {labels['platform']}, species {labels['species']}"
+        log(f"HEST {sample.id}: {reference.n_obs} spots, {described}, {reference.mpp:.4g} µm/px ({reference.mpp_source})")
+    return ingest_many(
+        plans, db=db, model_id=model_id, train_options=train_options, device=device, batch_size=batch_size, precision=precision,
+        embed_many=embed_many, progress=progress, log=log,
+    )  # fmt: skip
 
 
 # ---- query --------------------------------------------------------------------------------
@@ -220,6 +381,7 @@ class QueryResult:
     seconds: float = 0.0  # the whole call
     stream_seconds: float = 0.0  # reading, embedding, searching and writing the tiles
     plots: tuple[Path, ...] = ()
+    rows: pa.Table | None = field(default=None, repr=False)  # the uncommitted prediction rows (commit=False)
 
 
 def default_read_workers() -> int:
@@ -240,6 +402,8 @@ class QuerySession:
     k: int
     device: object
     precision: str
+    stride_um: float | None = None  # the output grid's pitch (tiles): --stride-um, or the default rule
+    stride_rule: str = ""  # why that pitch (the default rule's reason)
 
 
 def open_query(
@@ -257,9 +421,12 @@ def open_query(
     search_mode: str = "auto",
     precision: str = "auto",
     views: int | None = None,
+    stride_um: float | None = None,
     log: Log = _quiet,
 ) -> QuerySession:
-    """Check a query's options and load what its slides share (see :func:`query`)."""
+    """Check a query's options and load what its slides share (see :func:`query`). The tile grid's
+    pitch is ``stride_um`` or, by default, :func:`histoindex.patch.default_stride_um` of the
+    platforms of the references the filters leave."""
     from .embed import resolve_device, resolve_precision
     from .models import load_model
 
@@ -269,6 +436,8 @@ def open_query(
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     if views is not None and not 1 <= views <= 8:
         raise InputError(f"--views must be 1..8, got {views}")
+    if stride_um is not None and not (np.isfinite(stride_um) and stride_um > 0):
+        raise InputError(f"--stride-um must be a positive number of micrometres, got {stride_um}")
     store = Store(db)
     version = int(as_of) if as_of is not None and str(as_of).isdigit() else as_of
     spots_tbl = store.table("spots", version=version)
@@ -285,9 +454,47 @@ def open_query(
         log(f"warning: --k {k} is more than the {references.n} reference spots that match; averaging all {references.n}")
     if views is not None:  # fewer views: faster (each view is a backbone pass), a little less accurate
         cfg = cfg.replace(views=views)
+    if stride_um is not None:
+        stride, rule = check_stride(stride_um, cfg.patch_um), "--stride-um"
+    else:  # the references' spot pitch when they are of one platform (one column scan of the filtered rows)
+        platforms = [platform] if platform is not None else store.distinct("spots", "platform", where=references.where, version=version)
+        stride, rule = default_stride_um(platforms, cfg.patch_um)
+    log(f"loading model {record.model_id} ({cfg.backbone}) on {torch_device}; {references.n:,} reference spots (spots@{version})")
     model = load_model(record.cfg, record.weights(), device=torch_device)
     model.cfg = cfg  # the views to average (the weights are the same)
-    return QuerySession(store=store, record=record, cfg=cfg, model=model, references=references, k=k_eff, device=torch_device, precision=precision)
+    return QuerySession(
+        store=store, record=record, cfg=cfg, model=model, references=references, k=k_eff, device=torch_device, precision=precision,
+        stride_um=stride, stride_rule=rule,
+    )  # fmt: skip
+
+
+#: slide files above this size get a line before they are opened (decoding a large JPEG takes seconds)
+LARGE_SLIDE_BYTES = 20_000_000
+
+
+def spots_pixel_size(spots: str | Path, xy: np.ndarray, *, slide: str, platform: str | None, session: QuerySession, log: Log = _quiet) -> float:
+    """µm per pixel for ``query --spots`` on a slide with none in its metadata: from a spots
+    ``.h5ad`` by the rules references follow (:func:`histoindex.io.pixelsize.reference_pixel_size`:
+    spot pitch from array coordinates or spacing, else ``spot_diameter_fullres``), for the platform
+    of ``--platform`` or of the references searched (when they are of one)."""
+    from .io.h5ad import h5ad_pixel_size
+
+    if Path(spots).suffix.lower() != ".h5ad":
+        raise InputError(
+            f"{slide} has no pixel size (µm per pixel) in its metadata, and {Path(spots).name} carries none (an .h5ad with its spot layout does); pass --mpp"
+        )
+    if platform is None:
+        refs = session.references
+        platforms = session.store.distinct("spots", "platform", where=refs.where, version=refs.spots_version)
+        if len(platforms) != 1:
+            raise InputError(
+                f"{slide} has no pixel size in its metadata; {Path(spots).name}'s could come from its spot pitch, but the references "
+                f"searched are of {len(platforms)} platforms ({', '.join(map(str, platforms))}): pass --platform (visium, st) or --mpp"
+            )
+        platform = str(platforms[0])
+    size = h5ad_pixel_size(spots, xy_px=xy, platform=platform)
+    log(f"{slide} has no pixel size in its metadata: {size.mpp:.4g} µm/px from {Path(spots).name} ({size.source})")
+    return size.mpp
 
 
 def query(
@@ -311,7 +518,11 @@ def query(
     precision: str = "auto",
     workers: int | None = None,
     views: int | None = None,
+    stride_um: float | None = None,
     keep_predictions: bool = True,
+    commit: bool = True,
+    slide_name: str | None = None,
+    metadata: dict | None = None,
     progress: Progress | None = None,
     log: Log = _quiet,
     session: QuerySession | None = None,
@@ -320,12 +531,20 @@ def query(
     ``spots``) by top-k retrieval against the reference expression embeddings. Each gene in
     ``plot`` is drawn from ``out`` into ``<out stem>.<gene>.png`` beside it.
 
+    The tiles are windows of the patch size centred on a grid of pitch ``stride_um`` (they overlap
+    when it is finer than the patch; default: the references' spot pitch when they are of one
+    platform, else the patch size; see :func:`histoindex.patch.default_stride_um`).
+
     The slide streams through: ``workers`` background threads read patches ahead, the model embeds
     them in batches (``precision``: auto / fp32 / bf16), and every ``SEARCH_CHUNK`` tiles are
     searched, imputed and written, so memory stays flat however large the slide. ``out`` and the
     ``predictions`` table (one new version) appear only when the whole slide is done; with
     ``keep_predictions=False`` the result carries no prediction matrix. ``session`` (from
-    :func:`open_query`) replaces the store, model and filter options: many slides, one load."""
+    :func:`open_query`) replaces the store, model and filter options: many slides, one load.
+    ``slide_name`` keys the predictions (default: the file name); ``metadata`` (a cohort
+    manifest's columns) is written into ``out`` beside every row and into its provenance. With
+    ``commit=False`` nothing is written to the store: the result carries the prediction ``rows``
+    for the caller to commit (a cluster's driver commits what its workers predicted)."""
     from .pipeline import predict
 
     started = time.perf_counter()
@@ -334,10 +553,16 @@ def query(
     if session is None:
         session = open_query(
             db=db, tissue=tissue, platform=platform, species=species, where=where, k=k, as_of=as_of, model_id=model_id,
-            device=device, batch_size=batch_size, search_mode=search_mode, precision=precision, views=views, log=log,
+            device=device, batch_size=batch_size, search_mode=search_mode, precision=precision, views=views, stride_um=stride_um, log=log,
         )  # fmt: skip
     elif batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    if spots is not None and stride_um is not None:
+        raise InputError("--stride-um sets the pitch of the tile grid; --spots predicts at the given positions instead: give one or the other")
+    if stride_um is None:  # the session's: --stride-um given to open_query, or the default rule
+        stride, stride_rule = session.stride_um or session.cfg.patch_um, session.stride_rule
+    else:
+        stride, stride_rule = check_stride(stride_um, session.cfg.patch_um), "--stride-um"
     store, record, cfg, model, references = session.store, session.record, session.cfg, session.model, session.references
     torch_device, precision, k_eff = session.device, session.precision, session.k
     if plot:  # checked now, not after minutes of embedding
@@ -348,12 +573,19 @@ def query(
         plot = check_gene_names(plot, cfg.genes, where=f"model {record.model_id}")
     predicate, path = references.where, references.path
 
+    if Path(slide_path).is_file() and Path(slide_path).stat().st_size > LARGE_SLIDE_BYTES:  # a big JPEG/PNG decodes for seconds
+        log(f"opening {Path(slide_path).name} ({Path(slide_path).stat().st_size / 1e6:,.0f} MB)")
     slide = open_slide(slide_path, mpp=mpp)
+    if slide.mpp is None and hest_slide_mpp(slide_path) is not None:  # a HEST slide: its metadata has the pixel size
+        slide.close()
+        mpp = hest_slide_mpp(slide_path)
+        log(f"{Path(slide_path).name}: {mpp:.4g} µm/px from HEST's metadata (pixel_size_um_estimated)")
+        slide = open_slide(slide_path, mpp=mpp)
     try:
         if spots is not None:
             ids, xy = read_positions(spots)
-            if slide.mpp is None:
-                raise InputError(f"{Path(slide_path).name} has no pixel size (µm per pixel) in its metadata; pass --mpp")
+            if slide.mpp is None:  # the spots' own pixel size, by the rules references follow
+                slide.mpp = spots_pixel_size(spots, xy, slide=Path(slide_path).name, platform=platform, session=session, log=log)
             check_patch_pixels(cfg.patch_um, slide.mpp, where=Path(slide_path).name)
             check_positions_on_slide(ids, xy, width=slide.width, height=slide.height, source=spots, slide=Path(slide_path).name)
             grid = PatchGrid(ids=ids, xy=xy, mpp=slide.mpp)
@@ -361,16 +593,17 @@ def query(
         else:
             if slide.mpp is not None:  # tiles of a few pixels would be upsampled noise
                 check_patch_pixels(cfg.patch_um, slide.mpp, where=Path(slide_path).name)
-            grid = tile_grid(slide, tile_um=cfg.patch_um)
+            grid = tile_grid(slide, tile_um=cfg.patch_um, stride_um=stride)
             id_column = "tile_id"
     finally:
         slide.close()
     n = len(grid)
+    pitch = "" if spots is not None else f", centred every {stride:g} µm ({stride_rule})" if stride_rule else f", centred every {stride:g} µm"
     log(
-        f"{n} {'spots' if spots is not None else 'tissue tiles'} of {cfg.patch_um:g} µm on {Path(slide_path).name} ({grid.mpp:.3g} µm/px); {path} search over {references.n} references on {torch_device} ({precision})"
+        f"{n} {'spots' if spots is not None else 'tissue tiles'} of {cfg.patch_um:g} µm on {Path(slide_path).name} ({grid.mpp:.3g} µm/px){pitch}; {path} search over {references.n} references on {torch_device} ({precision})"
     )
     run_id = uuid.uuid4().hex[:12]
-    slide_name = Path(slide_path).name
+    slide_name = slide_name or Path(slide_path).name
     created_at = datetime.now(timezone.utc)
     provenance = {
         "run_id": run_id,
@@ -385,13 +618,18 @@ def query(
         "precision": precision,
         "mpp": grid.mpp,
         "patch_um": cfg.patch_um,
+        **({} if spots is not None else {"stride_um": stride}),  # the grid's pitch: each tile stands for a stride × stride cell
         "stain": cfg.stain,
         "views": cfg.views,
         "normalisation": cfg.normalisation,
         "created_at": created_at.isoformat(),
     }
+    if metadata:
+        provenance["metadata"] = dict(metadata)
     writer = (
-        PredictionWriter(out, id_column=id_column, slide=slide_name, mpp=grid.mpp, genes=list(cfg.genes), provenance=provenance) if out is not None else None
+        PredictionWriter(out, id_column=id_column, slide=slide_name, mpp=grid.mpp, genes=list(cfg.genes), provenance=provenance, metadata=metadata)
+        if out is not None
+        else None
     )
     chunks = predict(
         lambda: open_slide(slide_path, mpp=grid.mpp),
@@ -430,13 +668,19 @@ def query(
                 raise RuntimeError("the query stopped before its last tile; nothing of it is committed")
             yield from item.to_batches()
 
-    def commit() -> None:
+    def commit_rows() -> None:
         try:
             outcome["version"] = store.add_predictions(rows_for_lancedb())
         except BaseException as exc:  # re-raised in the calling thread
             outcome["error"] = exc
 
+    uncommitted: list[pa.Table] = []
+
     def hand_over(item) -> None:
+        if not commit:
+            if item is not last:
+                uncommitted.append(item)
+            return
         while True:
             if "error" in outcome:
                 raise outcome["error"]
@@ -446,8 +690,11 @@ def query(
             except queue.Full:
                 continue
 
-    committer = threading.Thread(target=commit, name="histoindex-commit", daemon=True)
-    committer.start()
+    committer = threading.Thread(target=commit_rows, name="histoindex-commit", daemon=True)
+    if commit:
+        committer.start()
+    else:
+        outcome["version"] = -1
     try:
         for chunk in chunks:
             ids, xy = grid.ids[chunk.rows], grid.xy[chunk.rows]
@@ -470,7 +717,8 @@ def query(
             )
             hand_over(rows)
         hand_over(last)
-        committer.join()
+        if commit:
+            committer.join()
         if "error" in outcome:
             raise outcome["error"]
         predictions_version = outcome["version"]
@@ -493,7 +741,8 @@ def query(
     predicted = np.concatenate(kept) if kept else np.zeros((0, len(cfg.genes)), np.float32)
     seconds = time.perf_counter() - started
     log(
-        f"predicted {len(cfg.genes)} genes for {n} tiles ({path} top-{k_eff} of {references.n} references, spots@{references.spots_version}) in {seconds:.1f} s ({n / seconds:.0f} tiles/s); predictions@{predictions_version}"
+        f"predicted {len(cfg.genes)} genes for {n} tiles ({path} top-{k_eff} of {references.n} references, spots@{references.spots_version}) in {seconds:.1f} s ({n / seconds:.0f} tiles/s)"
+        + (f"; predictions@{predictions_version}" if commit else "")
     )
     plots = tuple(plot_predictions(out, genes=[gene], out=picture_path(out, gene)) for gene in plot)
     for picture in plots:
@@ -509,6 +758,7 @@ def query(
         ids=grid.ids,
         xy=grid.xy,
         predictions=predicted if keep_predictions else None,
+        rows=None if commit else (pa.concat_tables(uncommitted) if uncommitted else None),
         out=Path(out) if out else None,
         filter=predicate,
         seconds=seconds,
@@ -538,9 +788,33 @@ class CohortResult:
         }
 
 
-def read_slide_manifest(path: str | Path) -> list[tuple[str, float | None]]:
+@dataclass(frozen=True)
+class CohortSlide:
+    """One slide of a cohort: its path (or URI), optional pixel size, the name its predictions are
+    keyed by (default: the file name) and metadata columns kept with its predictions."""
+
+    path: str
+    mpp: float | None = None
+    slide_id: str | None = None
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.slide_id or Path(self.path).name
+
+    @property
+    def stem(self) -> str:
+        return self.slide_id or Path(self.path).stem
+
+
+#: manifest columns with a meaning of their own; any others are metadata kept with the predictions
+MANIFEST_COLUMNS = ("slide", "mpp", "slide_id")
+
+
+def read_slide_manifest(path: str | Path) -> list[CohortSlide]:
     """A cohort's slides from a CSV or Parquet manifest: a ``slide`` column (paths relative to the
-    manifest's folder, or absolute) and an optional ``mpp`` column."""
+    manifest's folder, or absolute), optional ``mpp`` and ``slide_id`` columns, and any other
+    columns (patient, site, stage, ...) as metadata written beside each slide's predictions."""
     import polars as pl
 
     path = Path(path)
@@ -553,17 +827,60 @@ def read_slide_manifest(path: str | Path) -> list[tuple[str, float | None]]:
     if "slide" not in frame.columns:
         raise InputError(f"manifest {path} has no 'slide' column (columns: {', '.join(frame.columns)})")
     mpps = frame["mpp"].cast(pl.Float64, strict=False).to_list() if "mpp" in frame.columns else [None] * frame.height
+    ids = frame["slide_id"].cast(pl.String).to_list() if "slide_id" in frame.columns else [None] * frame.height
+    extra = [c for c in frame.columns if c not in MANIFEST_COLUMNS]
+    metadata = frame.select(extra).to_dicts() if extra else [{}] * frame.height
     slides = []
-    for slide, mpp in zip(frame["slide"].cast(pl.String).to_list(), mpps):
+    for slide, mpp, slide_id, meta in zip(frame["slide"].cast(pl.String).to_list(), mpps, ids, metadata):
         if not slide:
             raise InputError(f"manifest {path} has an empty slide path")
         slide_path = Path(slide) if Path(slide).is_absolute() else path.parent / slide
-        slides.append((str(slide_path), mpp))
+        slides.append(CohortSlide(str(slide_path), mpp, slide_id or None, meta))
     return slides
 
 
+def cohort_slides(slides: Sequence[str | Path | tuple[str | Path, float | None] | CohortSlide]) -> list[CohortSlide]:
+    """A cohort's slides as :class:`CohortSlide`, checked: at least one, names unique."""
+    entries = [s if isinstance(s, CohortSlide) else CohortSlide(str(s[0]), s[1]) if isinstance(s, tuple) else CohortSlide(str(s)) for s in slides]
+    if not entries:
+        raise InputError("no slides given")
+    names = [e.name for e in entries]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise InputError(f"slide names repeat ({', '.join(repeated)}): predictions are keyed by the slide's name (its file name, or the manifest's slide_id)")
+    return entries
+
+
+def cohort_outputs(entries: Sequence[CohortSlide], out_dir: str | Path | None, out_format: str) -> list[Path | None]:
+    """Each slide's output file, ``<out_dir>/<slide stem>.<out_format>`` (the folder is made)."""
+    if out_dir is None:
+        return [None] * len(entries)
+    suffix = "." + out_format.lower().lstrip(".")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_output_path(out_dir / f"x{suffix}")
+    return [out_dir / f"{e.stem}{suffix}" for e in entries]
+
+
+def plan_cohort(
+    store: Store, entries: Sequence[CohortSlide], outs: Sequence[Path | None], *, model_id: str, spots_version: int, redo: bool, log: Log = _quiet
+) -> tuple[list[tuple[CohortSlide, Path | None]], list[tuple[str, str]]]:
+    """Which slides a cohort run predicts, and which it skips (with why): a slide is skipped when
+    ``predictions`` holds a run of it by this model against this ``spots`` version and its output
+    file (if one is asked for) is present, unless ``redo``."""
+    done = set() if redo else store.predicted_slides(model_id=model_id, spots_version=spots_version)
+    todo, skipped = [], []
+    for entry, out in zip(entries, outs):
+        if entry.name in done and (out is None or out.exists()):
+            skipped.append((entry.name, f"already predicted by {model_id} against spots@{spots_version}"))
+            log(f"{entry.name}: already predicted (same model and spots version); --redo to predict again")
+        else:
+            todo.append((entry, out))
+    return todo, skipped
+
+
 def query_cohort(
-    slides: Sequence[str | Path | tuple[str | Path, float | None]],
+    slides: Sequence[str | Path | tuple[str | Path, float | None] | CohortSlide],
     *,
     db: str | Path,
     out_dir: str | Path | None = None,
@@ -581,38 +898,31 @@ def query_cohort(
     ``<slide stem>.<out_format>`` file. A slide already predicted by the same model against the
     same ``spots`` version (and with its file present) is skipped unless ``redo``; a slide that
     fails is reported and the others go on."""
-    entries = [(str(s[0]), s[1]) if isinstance(s, tuple) else (str(s), None) for s in slides]
-    if not entries:
-        raise InputError("no slides given")
-    names = [Path(s).name for s, _ in entries]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise InputError(f"slide names repeat ({', '.join(repeated)}): predictions are keyed by the slide's file name")
-    suffix = "." + out_format.lower().lstrip(".")
-    if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        check_output_path(out_dir / f"x{suffix}")
+    entries = cohort_slides(slides)
+    outs = cohort_outputs(entries, out_dir, out_format)
     session = open_query(db=db, batch_size=batch_size, log=log, **options)
-    result = CohortResult()
-    for i, (slide, slide_mpp) in enumerate(entries, 1):
-        name = Path(slide).name
-        out = out_dir / f"{Path(slide).stem}{suffix}" if out_dir is not None else None
-        if not redo and (out is None or out.exists()):
-            done = session.store.predicted_slide(name, model_id=session.record.model_id, spots_version=session.references.spots_version)
-            if done:
-                result.skipped.append((name, f"already predicted by {session.record.model_id} against spots@{session.references.spots_version}"))
-                log(f"[{i}/{len(entries)}] {name}: already predicted (same model and spots version); --redo to predict again")
-                continue
+    model_id, spots_version = session.record.model_id, session.references.spots_version
+    todo, skipped = plan_cohort(session.store, entries, outs, model_id=model_id, spots_version=spots_version, redo=redo, log=log)
+    result = CohortResult(skipped=skipped)
+    total = len(todo)
+    for i, (entry, out) in enumerate(todo, 1):
+        if progress is not None:
+            progress("slides", i - 1, total)
         try:
-            r = query(slide, db=db, out=out, mpp=slide_mpp if slide_mpp is not None else mpp, workers=workers, batch_size=batch_size,
-                      keep_predictions=False, progress=progress, log=log, session=session)  # fmt: skip
+            r = query(entry.path, db=db, out=out, mpp=entry.mpp if entry.mpp is not None else mpp, workers=workers, batch_size=batch_size,
+                      keep_predictions=False, progress=progress, log=log, session=session, slide_name=entry.name, metadata=entry.metadata)  # fmt: skip
         except (InputError, StoreError, OSError) as exc:
-            result.failed.append((name, str(exc)))
-            log(f"[{i}/{len(entries)}] {name}: failed: {exc}")
+            result.failed.append((entry.name, str(exc)))
+            log(f"[{i}/{total}] {entry.name}: failed: {exc}")
             continue
         result.predicted.append(r)
-        log(f"[{i}/{len(entries)}] {name}: {r.n_tiles} tiles in {r.seconds:.1f} s")
+        done_tiles = sum(p.n_tiles for p in result.predicted)
+        busy = sum(p.seconds for p in result.predicted)
+        log(
+            f"[{i}/{total}] {entry.name}: {r.n_tiles} tiles in {r.seconds:.1f} s (cohort so far: {done_tiles} tiles, {done_tiles / max(busy, 1e-9):.0f} tiles/s)"
+        )
+    if progress is not None and total:
+        progress("slides", total, total)
     return result
 
 
@@ -694,6 +1004,13 @@ def sql(statement: str, *, db: str | Path | None, allow_files: Sequence[str | Pa
     return run_sql(store, statement, allow_files=allow_files)
 
 
+def check_sql_output(out: str | Path, *, db: str | Path | None) -> Path:
+    """Refuse an ``sql --out`` file inside the store's folder (before the statement runs)."""
+    from .sql import check_output_outside_store
+
+    return check_output_outside_store(out, Store(db) if db is not None and Store.exists(db) else None)
+
+
 def versions(*, db: str | Path) -> dict[str, list[dict]]:
     return Store(db).versions()
 
@@ -746,6 +1063,7 @@ __all__ = [
     "evaluate",
     "create_index",
     "ingest",
+    "ingest_hest",
     "query",
     "plot",
     "sql",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -59,9 +60,15 @@ class _RateColumn(ProgressColumn):
 
 class ProgressBars:
     """The API's ``progress(step, done, total)`` callback drawn as rich progress bars on stderr,
-    one bar per step (tiles, spots, epochs), each with its rate."""
+    one bar per step (tiles, spots, epochs), each with its rate. When stderr is not a terminal (a
+    log file, CI, a scheduler) the bars become a plain line per step every ``LOG_EVERY_S`` seconds
+    and when the step completes, written as they happen."""
+
+    LOG_EVERY_S = 10.0
 
     def __init__(self) -> None:
+        self._plain = not console.is_terminal
+        self._lines: dict[str, tuple[float, float, int]] = {}  # step → (started, last line, last total)
         self._progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -81,12 +88,33 @@ class ProgressBars:
             self._progress.stop()
 
     def __call__(self, step: str, done: int, total: int) -> None:
+        if self._plain:
+            self._line(step, done, total)
+            return
         if not self._tasks:  # drawn from the first step on, so a command that fails early prints nothing extra
             self._progress.start()
         if step not in self._tasks:
             # an epoch's rate says little (the first one also pays for reading patches)
-            self._tasks[step] = self._progress.add_task(step, total=total, unit=step, rate=step != "epochs")
+            self._tasks[step] = self._progress.add_task(step, total=total, unit=step.split()[-1], rate=step != "epochs")
         self._progress.update(self._tasks[step], completed=done, total=total)
+
+    def _line(self, step: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        started, last, last_total = self._lines.get(step, (now, now, -1))
+        if last_total != total or done == 0:  # a new round of this step (the next slide's tiles)
+            started, last = now, now
+        finished = done >= total
+        if finished or now - last >= self.LOG_EVERY_S:
+            rate = done / (now - started) if now > started else 0.0
+            _log(f"{step}: {done:,}/{total:,}" + (f" ({rate:,.1f} {step.split()[-1]}/s)" if step != "epochs" and rate > 0 else ""))
+            last = now
+        self._lines[step] = (started, last, total if not finished else -1)
+
+
+def _read_reference(path, **options):
+    """``api.read_reference``, said first: the first read also loads anndata and friends (seconds)."""
+    _log(f"reading {path}")
+    return api.read_reference(path, **options)
 
 
 def handle_errors(fn):
@@ -282,7 +310,7 @@ def train(references, db, platform, image, mpp, spot_table, log_normalised, devi
         raise click.UsageError("--image applies to a single reference")
     if spot_table and len(references) > 1:
         raise click.UsageError("--spot-table applies to a single reference")
-    refs = [api.read_reference(r, image=image, platform=platform, mpp=mpp, spot_table=spot_table, log_normalised=log_normalised) for r in references]
+    refs = [_read_reference(r, image=image, platform=platform, mpp=mpp, spot_table=spot_table, log_normalised=log_normalised) for r in references]
     with ProgressBars() as bars:
         result = api.train(refs, db=db, options=_train_options(kwargs), device=device, progress=bars, log=_log)
     click.echo(result.model_id)
@@ -346,22 +374,41 @@ def evaluate(references, holdouts, platform, markers, k, baselines, out, as_json
 
 
 @cli.command()
-@click.argument("reference", type=click.Path(dir_okay=True))
-@click.option("--tissue", required=True, help="Tissue label, used as a query filter.")
-@click.option("--platform", default="visium", show_default=True, help="visium, st, ...")
-@click.option("--species", default="human", show_default=True)
-@click.option("--dataset", help="Dataset name (default: file name without extension).")
+@click.argument("references", nargs=-1, required=True, type=click.Path(dir_okay=True))
+@click.option("--tissue", help="Tissue label, used as a query filter (required, except for a HEST folder: its samples' organ).")
+@click.option("--platform", help="visium, st, ... [default: visium; a HEST folder: its samples' st_technology]")
+@click.option("--species", help="[default: human; a HEST folder: its samples' species]")
+@click.option("--dataset", help="Dataset name (default: file name without extension; a HEST sample's id).")
 @click.option("--model", "model_id", help="Model to embed with (default: the one the store's spots use; the newest model if there are no spots yet).")
+@click.option("--id", "hest_ids", multiple=True, help="A HEST folder's sample to ingest (repeatable); each becomes a dataset named by its id.")
+@click.option(
+    "--hest-where",
+    multiple=True,
+    metavar="KEY=VALUE[,VALUE]",
+    help="Choose a HEST folder's samples by their metadata (organ, species, technology, oncotree_code, patient, ...); "
+    "a term matches any of its values, case-insensitively; repeated terms must all match.",
+)
+@click.option(
+    "--ray",
+    "ray_address",
+    metavar="ADDRESS",
+    help="Embed several references in parallel on a Ray cluster (local, auto or the head's address); one commit. Needs histoindex[ray].",
+)
 @db_option
 @reference_options
 @training_options
 @device_option
 @precision_option
 @handle_errors
-def ingest(reference, tissue, platform, species, dataset, model_id, db, image, mpp, spot_table, log_normalised, device, precision, **kwargs):
-    """Embed a reference dataset's spots and write them to the store (one new version).
+def ingest(
+    references, tissue, platform, species, dataset, model_id, hest_ids, hest_where, ray_address, db, image, mpp, spot_table, log_normalised, device,
+    precision, **kwargs,
+):  # fmt: skip
+    """Embed reference datasets' spots and write them to the store (one new version).
 
-    Trains a model first when the store has none. Re-ingesting a dataset replaces its rows.
+    Trains a model first when the store has none (on all the references given), which takes
+    minutes. Re-ingesting a dataset replaces its rows. Several references (files or Space Ranger
+    folders that carry their own image, or a HEST folder's samples) are all written in one commit.
 
     Example:
 
@@ -370,25 +417,101 @@ def ingest(reference, tissue, platform, species, dataset, model_id, db, image, m
         histoindex ingest run1/outs --image run1_he.tif --tissue liver --db liver.db
 
         histoindex ingest C5.tsv.gz --spot-table C5_selection.tsv --image C5.jpg --platform st --tissue breast
+
+        histoindex ingest hest_data/ --id TENX95 --id SPA145 --db breast.db
+
+        histoindex ingest hest_data/ --hest-where organ=Breast --hest-where technology=Visium
+
+        histoindex ingest refs/*.h5ad --tissue liver --db liver.db --ray local
     """
-    ref = api.read_reference(reference, image=image, platform=platform, name=dataset, mpp=mpp, spot_table=spot_table, log_normalised=log_normalised)
-    with ProgressBars() as bars:
-        result = api.ingest(
-            ref,
-            db=db,
-            tissue=tissue,
-            platform=platform,
-            species=species,
-            model_id=model_id,
-            train_options=_train_options(kwargs),
-            device=device,
-            precision=precision,
-            progress=bars,
-            log=_log,
-        )
-    if result.spots_version < 0:  # a torchrun process other than rank 0, which writes
-        return
-    click.echo(f"{result.dataset}: {result.n_spots} spots, spots@{result.spots_version}, model {result.model_id}")
+    from .io.hest import is_hest_dir
+
+    embed_many = None
+    if ray_address is not None:
+        from . import cluster
+
+        embed_many = cluster.ray_embedder(ray_address, db=db, device=device, precision=precision, log=_log)
+    if len(references) > 1:
+        given = [option for option, value in (("--image", image), ("--spot-table", spot_table), ("--dataset", dataset), ("--mpp", mpp)) if value is not None]
+        if given:
+            raise click.UsageError(f"{' and '.join(given)} describe(s) one reference; ingest references that need them one by one")
+        if hest_ids or hest_where or any(is_hest_dir(r) for r in references):
+            raise click.UsageError("a HEST folder is ingested on its own (choose its samples with --id / --hest-where)")
+    reference = references[0]
+
+    if hest_ids or hest_where or is_hest_dir(reference):  # a HEST folder: labels from each sample's metadata
+        given = [option for option, value in (("--image", image), ("--spot-table", spot_table)) if value is not None]
+        if given:
+            raise click.UsageError(f"{' and '.join(given)}: not for a HEST folder, whose samples each have their H&E (wsis/ID.tif) and spot positions")
+        with ProgressBars() as bars:
+            results = api.ingest_hest(
+                reference,
+                db=db,
+                ids=hest_ids,
+                where=hest_where,
+                tissue=tissue,
+                platform=platform,
+                species=species,
+                dataset=dataset,
+                mpp=mpp,
+                log_normalised=log_normalised,
+                model_id=model_id,
+                train_options=_train_options(kwargs),
+                device=device,
+                precision=precision,
+                embed_many=embed_many,
+                progress=bars,
+                log=_log,
+            )
+    else:
+        if not tissue:
+            raise click.UsageError("Missing option '--tissue' (the tissue label queries filter on).")
+        labels = {"tissue": tissue, "platform": platform or "visium", "species": species or "human"}
+        refs = [
+            _read_reference(path, image=image, platform=labels["platform"], name=dataset, mpp=mpp, spot_table=spot_table, log_normalised=log_normalised)
+            for path in references
+        ]
+        with ProgressBars() as bars:
+            if len(refs) == 1 and embed_many is None:
+                results = [
+                    api.ingest(
+                        refs[0],
+                        db=db,
+                        **labels,
+                        model_id=model_id,
+                        train_options=_train_options(kwargs),
+                        device=device,
+                        precision=precision,
+                        progress=bars,
+                        log=_log,
+                    )  # fmt: skip
+                ]
+            else:
+                results = api.ingest_many(
+                    [(ref, labels) for ref in refs], db=db, model_id=model_id, train_options=_train_options(kwargs), device=device, precision=precision,
+                    embed_many=embed_many, progress=bars, log=_log,
+                )  # fmt: skip
+    for result in results:
+        if result.spots_version < 0:  # a torchrun process other than rank 0, which writes
+            return
+        click.echo(f"{result.dataset}: {result.n_spots} spots, spots@{result.spots_version}, model {result.model_id}")
+
+
+def _expand_globs(paths) -> list[str]:
+    """Slide arguments with quoted patterns (``'cohort/*.svs'``, ``'**'`` too) expanded here, as
+    shells cannot for very long lists; a pattern matching nothing is an error."""
+    import glob
+
+    out = []
+    for path in paths:
+        if glob.has_magic(path) and not Path(path).exists():
+            matches = sorted(glob.glob(path, recursive=True))
+            if not matches:
+                raise click.BadParameter(f"{path!r} matches no file", param_hint="SLIDES")
+            out += matches
+        else:
+            out.append(path)
+    return out
 
 
 @cli.command()
@@ -397,7 +520,7 @@ def ingest(reference, tissue, platform, species, dataset, model_id, db, image, m
     "--slides",
     "manifest",
     type=click.Path(dir_okay=False),
-    help="A CSV/Parquet manifest of slides: a 'slide' column (paths relative to it) and optional 'mpp'.",
+    help="A CSV/Parquet manifest of slides: a 'slide' column (paths relative to it), optional 'mpp' and 'slide_id'; other columns are kept with the predictions.",
 )
 @click.option("--tissue", help="Only reference spots of this tissue.")
 @click.option("--platform", help="Only reference spots of this platform.")
@@ -407,12 +530,12 @@ def ingest(reference, tissue, platform, species, dataset, model_id, db, image, m
 @click.option(
     "--out",
     type=click.Path(),
-    help="Write predictions to .parquet, .h5ad or .geojson (QuPath: File > Import objects; genes as measurements); for several slides, a folder.",
+    help="Write predictions to .parquet, .h5ad, .geojson (QuPath: File > Import objects; genes as measurements) or .zarr (SpatialData); for several slides, a folder.",
 )
 @click.option(
     "--format",
     "out_format",
-    type=click.Choice(["parquet", "h5ad", "geojson"]),
+    type=click.Choice(["parquet", "h5ad", "geojson", "zarr"]),
     default="parquet",
     show_default=True,
     help="File type per slide when --out is a folder.",
@@ -422,6 +545,14 @@ def ingest(reference, tissue, platform, species, dataset, model_id, db, image, m
 @click.option("--mpp", type=float, help="Micrometres per pixel, when the slide has none (or to override it).")
 @click.option("--as-of", help="Search the spots table as of this version (number or tag).")
 @click.option("--spots", "spots_file", type=click.Path(dir_okay=False), help="Predict at these positions: .h5ad, or CSV/Parquet with spot,x,y.")
+@click.option(
+    "--stride-um",
+    type=float,
+    metavar="UM",
+    help="Pitch of the output grid, µm: windows of the model's patch size centred every UM µm (overlapping when UM is below the patch size); "
+    "at most the patch size. Default: the spot pitch of the references searched (Visium 100, legacy ST 200) when they are all of one such "
+    "platform and it is finer than the patch; otherwise (mixed or unknown platforms) the patch size, tiles side by side.",
+)
 @click.option("--model", "model_id", help="Model id (default: the one model the store's spots were embedded by; required when there are several).")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option(
@@ -436,6 +567,13 @@ def ingest(reference, tissue, platform, species, dataset, model_id, db, image, m
     help="exact: in-memory matrix products over the filtered references; ann: LanceDB's vector index (histoindex index); auto: exact up to 2M candidates.",
 )
 @click.option("--workers", type=int, help="Background threads reading the slide (default: cores - 1, at most 8; 0 reads in the main thread).")
+@click.option(
+    "--ray",
+    "ray_address",
+    metavar="ADDRESS",
+    help="Run the cohort on a Ray cluster: local (start one here), auto (the cluster this machine is in) or the head's address. Needs histoindex[ray].",
+)
+@click.option("--ray-actors", type=click.IntRange(1), help="Ray actors holding the model (default: one per GPU, else one per 4 CPUs).")
 @click.option(
     "--views",
     type=click.IntRange(1, 8),
@@ -460,11 +598,14 @@ def query(
     mpp,
     as_of,
     spots_file,
+    stride_um,
     model_id,
     batch_size,
     plot_genes,
     search_mode,
     workers,
+    ray_address,
+    ray_actors,
     views,
     db,
     device,
@@ -476,29 +617,44 @@ def query(
     once, write one file per slide into the --out folder and commit each slide's predictions on its
     own; slides already predicted by the same model against the same spots version are skipped
     (--redo predicts them again), a slide that fails is reported and the others go on, and the exit
-    code is 1 when any failed.
+    code is 1 when any failed. With --ray the slides are predicted by Ray actors that each hold the
+    model (one per GPU), and this process commits each slide's predictions.
 
     Examples:
 
         histoindex query slide.svs --tissue liver --out slide.parquet --db liver.db --plot FASN
 
-        histoindex query cohort/*.svs --tissue liver --out preds/ --db liver.db
+        histoindex query 'cohort/*.svs' --tissue liver --out preds/ --db liver.db
+
+        histoindex query --slides tcga_brca.csv --tissue breast --out preds/ --db s3://bucket/breast.db --ray auto
     """
-    entries = [(s, None) for s in slides] + (api.read_slide_manifest(manifest) if manifest else [])
+    entries = [api.CohortSlide(s) for s in _expand_globs(slides)] + (api.read_slide_manifest(manifest) if manifest else [])
     if not entries:
         raise click.UsageError("give a slide (or several, or --slides MANIFEST)")
-    cohort = len(entries) > 1 or manifest is not None or (out is not None and (out.endswith("/") or Path(out).is_dir()))
+    if ray_actors is not None and ray_address is None:
+        raise click.UsageError("--ray-actors needs --ray")
+    folder = out is not None and (out.endswith("/") or (Path(out).is_dir() and Path(out).suffix.lower() != ".zarr"))  # x.zarr: one SpatialData store
+    cohort = len(entries) > 1 or manifest is not None or ray_address is not None or folder
     if cohort:
         if spots_file or plot_genes:
             raise click.UsageError("--spots and --plot take one slide")
         if workers is not None and workers < 0:
             raise click.BadParameter("must be 0 or more", param_hint="--workers")
+        options = dict(tissue=tissue, platform=platform, species=species, where=where, k=k, as_of=as_of, model_id=model_id, device=device,
+                       search_mode=search_mode, precision=precision, views=views, stride_um=stride_um)  # fmt: skip
         with ProgressBars() as bars:
-            result = api.query_cohort(
-                entries, db=db, out_dir=out, out_format=out_format, redo=redo, mpp=mpp, workers=workers, batch_size=batch_size, progress=bars, log=_log,
-                tissue=tissue, platform=platform, species=species, where=where, k=k, as_of=as_of, model_id=model_id, device=device,
-                search_mode=search_mode, precision=precision, views=views,
-            )  # fmt: skip
+            if ray_address is not None:
+                from . import cluster
+
+                result = cluster.query_cohort(
+                    entries, db=db, address=ray_address, actors=ray_actors, out_dir=out, out_format=out_format, redo=redo, mpp=mpp, workers=workers,
+                    batch_size=batch_size, progress=bars, log=_log, **options,
+                )  # fmt: skip
+            else:
+                result = api.query_cohort(
+                    entries, db=db, out_dir=out, out_format=out_format, redo=redo, mpp=mpp, workers=workers, batch_size=batch_size, progress=bars, log=_log,
+                    **options,
+                )  # fmt: skip
         if as_json:
             click.echo(json.dumps(result.to_dict(), indent=2))
         else:
@@ -509,10 +665,11 @@ def query(
         if result.failed:
             click.get_current_context().exit(1)
         return
-    (slide, slide_mpp) = entries[0]
-    mpp = mpp if slide_mpp is None else slide_mpp
+    slide = entries[0].path
     if plot_genes and not out:
         raise click.UsageError("--plot needs --out: pictures are drawn from the predictions file")
+    if spots_file and stride_um is not None:
+        raise click.UsageError("--stride-um sets the pitch of the tile grid; --spots predicts at the given positions instead: give one or the other")
     if workers is not None and workers < 0:
         raise click.BadParameter("must be 0 or more", param_hint="--workers")
     with ProgressBars() as bars:
@@ -536,6 +693,7 @@ def query(
             precision=precision,
             workers=workers,
             views=views,
+            stride_um=stride_um,
             keep_predictions=False,
             progress=bars,
             log=_log,
@@ -572,41 +730,124 @@ def plot(predictions, genes, out, slide, truth, max_side):
     click.echo(api.plot(predictions, genes=genes, out=out, slide=slide, truth=truth, max_side=max_side))
 
 
-def _render(table, fmt: str) -> None:
+def _render(table, fmt: str, out: str | None = None) -> None:
+    if out is not None:
+        _write_result(table, fmt, Path(out))
+        return
     if fmt == "json":
         click.echo(json.dumps(table.to_pylist(), default=str, indent=1))
         return
     if fmt == "csv":
-        import polars as pl
-        import pyarrow as pa
-
-        flat = table
-        for i, field in enumerate(table.schema):  # CSV has no nested types: write them as JSON text
-            if pa.types.is_nested(field.type):
-                flat = flat.set_column(i, field.name, pa.array([json.dumps(v, default=str) for v in table.column(i).to_pylist()]))
-        click.echo(pl.from_arrow(flat).write_csv(), nl=False)
+        click.echo(_csv_text(table), nl=False)
         return
-    out = Table(show_lines=False)
-    for name in table.column_names:
-        out.add_column(name)
+    names = table.column_names
+    rows, shortened = [], False
     for row in table.to_pylist():
-        out.add_row(*[_cell(v) for v in row.values()])
-    Console().print(out)
+        cells = [_cell(v) for v in row.values()]
+        shortened |= any(cut for _, cut in cells)
+        rows.append([text for text, _ in cells])
+    screen = Console()
+    natural = sum(max([len(n), *(len(r[i]) for r in rows)]) for i, n in enumerate(names)) + 3 * len(names) + 1
+    if screen.is_terminal and natural > screen.width and rows:  # too wide for the terminal: one block per row, psql's \x
+        key = max(len(n) for n in names)
+        for number, row in enumerate(rows, 1):
+            click.echo(f"── row {number} " + "─" * max(0, min(screen.width, 60) - 8 - len(str(number))))
+            for name, text in zip(names, row):
+                click.echo(f"{name.ljust(key)} │ {text}")
+    else:
+        out_table = Table(show_lines=False)
+        for name in names:
+            out_table.add_column(name, overflow="fold")
+        for row in rows:
+            out_table.add_row(*map(Text, row))  # as they are: a value like [x] is not rich markup
+        if not screen.is_terminal:  # a pipe or a log: as wide as the rows need, so nothing is folded
+            screen = Console(width=max(80, natural))
+        screen.print(out_table)
+    if shortened:
+        console.print(
+            f"(long values are shortened to {CELL_CHARS} characters: --format csv or json prints them whole; "
+            "--out FILE.parquet|.csv|.json writes them to a file)",
+            markup=False,
+            soft_wrap=True,
+        )
 
 
-def _cell(value) -> str:
+#: the most characters a value takes in `sql`'s table; longer ones are shortened with …
+CELL_CHARS = 40
+
+
+def _csv_text(table) -> str:
+    import polars as pl
+    import pyarrow as pa
+
+    flat = table
+    for i, field in enumerate(table.schema):  # CSV has no nested types: write them as JSON text
+        if pa.types.is_nested(field.type):
+            flat = flat.set_column(i, field.name, pa.array([json.dumps(v, default=str) for v in table.column(i).to_pylist()]))
+        elif pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type):
+            flat = flat.set_column(i, field.name, pa.array([None if v is None else v.hex() for v in table.column(i).to_pylist()]))
+    return pl.from_arrow(flat).write_csv()
+
+
+def _write_result(table, fmt: str, out: Path) -> None:
+    """``sql --out``: the whole result, every value in full, as Parquet, CSV or JSON."""
+    kind = fmt if fmt != "table" else {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".json": "json"}.get(out.suffix.lower())
+    if kind is None:
+        raise click.BadParameter(f"{out.name}: end it in .parquet, .csv or .json, or give --format", param_hint="--out")
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, out)
+    elif kind == "csv":
+        out.write_text(_csv_text(table))
+    else:
+        out.write_text(json.dumps(table.to_pylist(), default=str, indent=1))
+    click.echo(f"{table.num_rows} rows × {table.num_columns} columns → {out} ({kind})")
+
+
+def _cell(value) -> tuple[str, bool]:
+    """A value as ``sql``'s table shows it, and whether it was shortened: lists as their first
+    values and their length (``[0.12, -0.3, … 256 values]``), bytes as their size, long text
+    (JSON, ...) cut at :data:`CELL_CHARS` characters with …"""
+    if value is None:
+        return "", False
     if isinstance(value, float):
-        return f"{value:.6g}"
-    if isinstance(value, list):
-        shown = ", ".join(_cell(v) for v in value[:4])
-        return f"[{shown}{', …' if len(value) > 4 else ''}] ({len(value)})"
+        return f"{value:.6g}", False
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return f"<{len(value):,} bytes>", len(value) > 0
+    if isinstance(value, (list, tuple)):
+        full = "[" + ", ".join(_short(v) for v in value) + "]"
+        if len(full) <= CELL_CHARS:
+            return full, False
+        shown = ", ".join(_short(v) for v in value[:2])
+        return f"[{shown}, … {len(value):,} values]", True
+    text = json.dumps(value, default=str) if isinstance(value, dict) else str(value)
+    text = " ".join(text.split()) if "\n" in text else text
+    if len(text) > CELL_CHARS:
+        return text[: CELL_CHARS - 1] + "…", True
+    return text, False
+
+
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, (list, tuple, dict)):
+        return "[…]" if isinstance(value, (list, tuple)) else "{…}"
     return str(value)
 
 
 @cli.command()
 @click.argument("statement")
 @db_option
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json", "parquet"]),
+    default="table",
+    show_default=True,
+    help="table: long values shortened to fit; csv and json: every value in full; parquet: with --out.",
+)
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the result to this file in full (.parquet, .csv or .json; or as --format says).")
 @click.option(
     "--allow-files",
     "allow_files",
@@ -615,7 +856,7 @@ def _cell(value) -> str:
     help="A file or folder the statement may also read (repeatable); never the store or a folder holding it.",
 )
 @handle_errors
-def sql(statement, db, fmt, allow_files):
+def sql(statement, db, fmt, out, allow_files):
     """Run one read-only SQL statement (DuckDB) over the store: tables spots, predictions, models;
     views predictions_long and spots_long (one row per gene); and the data files the statement names.
 
@@ -633,7 +874,11 @@ def sql(statement, db, fmt, allow_files):
 
         histoindex sql "SELECT avg(FASN) FROM 'preds/*.parquet'"
     """
-    _render(api.sql(statement, db=db, allow_files=allow_files), fmt)
+    if fmt == "parquet" and out is None:
+        raise click.UsageError("--format parquet writes a file: give --out FILE.parquet")
+    if out is not None:
+        api.check_sql_output(out, db=db)
+    _render(api.sql(statement, db=db, allow_files=allow_files), fmt, out)
 
 
 @cli.command()
@@ -808,9 +1053,11 @@ def demo(workdir, device):
 
         histoindex demo --workdir /tmp/histoindex-demo
     """
+    _log(f"histoindex demo in {workdir}: loading the libraries")  # the first import takes seconds
     from .demo import run_demo
 
-    result = run_demo(workdir, device=device, log=_log)
+    with ProgressBars() as bars:
+        result = run_demo(workdir, device=device, log=_log, progress=bars)
     click.echo(
         f"held-out section ({result.n_heldout_spots} spots): mean per-gene Pearson r {result.heldout_r:.3f} "
         f"(signature genes {result.heldout_r_markers:.3f}; a constant predictor scores 0)\n"

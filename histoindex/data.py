@@ -59,6 +59,8 @@ class SpotSet:
     spot_diameter_px: ``spot_diameter_fullres`` in full-resolution pixels, if known.
     mpp_source: where ``mpp`` came from (``--mpp``, image metadata, spot pitch, spot diameter).
     values_source: where ``X`` came from in the file (``X``, ``layers['counts']``, ``.raw``, ...).
+    gene_aliases: a second name per gene, when the file has one (Space Ranger's Ensembl ids beside
+        the symbols, or the symbols beside Ensembl-id var_names): a model's genes match either.
     """
 
     name: str
@@ -73,6 +75,7 @@ class SpotSet:
     source: str = ""
     mpp_source: str = ""
     values_source: str = "X"
+    gene_aliases: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         n_obs, n_vars = self.X.shape
@@ -93,6 +96,22 @@ class SpotSet:
             raise InputError(f"gene names repeat{where} (e.g. {', '.join(map(str, _repeated(self.var_names)[:5]))}); make them unique first")
         if n_obs == 0:
             raise InputError(f"no spots{where}")
+        if self.gene_aliases is not None and len(self.gene_aliases) != n_vars:
+            raise InputError(f"{len(self.gene_aliases)} gene aliases for {n_vars} expression columns{where}")
+
+    def gene_index(self) -> dict[str, int]:
+        """Gene name → column: every var name, and every alias (Ensembl id or symbol) that names
+        one column only and is not another column's var name."""
+        index = {str(g): i for i, g in enumerate(self.var_names)}
+        if self.gene_aliases is not None:
+            aliases = [str(a) for a in self.gene_aliases]
+            counts: dict[str, int] = {}
+            for a in aliases:
+                counts[a] = counts.get(a, 0) + 1
+            for i, a in enumerate(aliases):
+                if a and a not in index and counts[a] == 1:
+                    index[a] = i
+        return index
 
     @property
     def source_values(self) -> str:
@@ -118,8 +137,8 @@ class SpotSet:
             totals[totals == 0] = 1.0
             X = sp.diags(1e4 / totals) @ X if sp.issparse(X) else X * (1e4 / totals)[:, None]
         if genes is not None:
-            index = {g: i for i, g in enumerate(self.var_names)}
-            check_genes_present(genes, index, where=self.source or self.name)
+            index = self.gene_index()
+            check_genes_present(genes, index, where=self.source or self.name, aliases=self.gene_aliases)
             X = X[:, [index[g] for g in genes]]
         X = X.toarray() if sp.issparse(X) else np.asarray(X)
         X = X.astype(np.float32)
@@ -131,20 +150,31 @@ def _repeated(names) -> list[str]:
     return list(dict.fromkeys(str(n) for n in names if n in seen or seen.add(n)))
 
 
-def check_genes_present(genes, available, *, where: str) -> None:
-    """Every one of a model's ``genes`` must be among ``available``: a reference spot's expression
-    embedding (the key it is found by) and the profile averaged into predictions both use all of
-    them, so a missing gene can be neither zero-filled (that would pull neighbours' averages and the
-    embedding towards zero) nor skipped. The error names the missing genes."""
+def gene_naming(names) -> str:
+    """What a list of gene names looks like: ``Ensembl ids`` or ``symbols`` (by the majority)."""
+    names = [str(n) for n in names]
+    ensembl = sum(1 for n in names if n.startswith("ENS") and any(c.isdigit() for c in n[3:8]))
+    return "Ensembl ids" if names and ensembl * 2 > len(names) else "symbols"
+
+
+def check_genes_present(genes, available, *, where: str, aliases=None) -> None:
+    """Every one of a model's ``genes`` must be among ``available`` (names, and aliases: Ensembl ids
+    or symbols): a reference spot's expression embedding (the key it is found by) and the profile
+    averaged into predictions both use all of them, so a missing gene can be neither zero-filled
+    (that would pull neighbours' averages and the embedding towards zero) nor skipped. The error
+    names the missing genes; when none matches, it says how the model and the file name genes
+    (``aliases``: the file's second names, if it has any) and what to do."""
     missing = [g for g in genes if g not in available]
     if not missing:
         return
     shown = ", ".join(missing[:10]) + (f", … ({len(missing)} in all)" if len(missing) > 10 else "")
     if len(missing) == len(genes):
-        theirs = ", ".join(list(map(str, available))[:3])
+        theirs = list(map(str, available))[:4]
+        second = " (and no second gene-name column, such as var['gene_ids'] or var['gene_symbols'])" if aliases is None else ""
         raise InputError(
-            f"all of the model's {len(genes)} genes are missing from {where} (its genes are like {theirs}; the model's like {', '.join(genes[:3])}): "
-            "are the genes named differently (symbols vs Ensembl ids)?"
+            f"none of the model's {len(genes)} genes is in {where}: the model uses {gene_naming(genes)} (e.g. {', '.join(map(str, genes[:4]))}); "
+            f"the file uses {gene_naming(theirs)} (e.g. {', '.join(theirs)}){second}. Either ingest it into a new store, which trains "
+            "a model on its own genes (--db NEW.db), or embed it with a model whose genes it has (--model ID; `histoindex info` lists the models)"
         )
     raise InputError(
         f"{where} lacks {len(missing)} of the model's {len(genes)} genes ({shown}); every reference spot needs all of them "

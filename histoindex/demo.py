@@ -49,8 +49,11 @@ class DemoResult:
     model_id: str
 
 
-def run_demo(workdir: str | Path = "histoindex-demo", *, training: api.TrainOptions = DEMO_TRAINING, device: str | None = None, log=print) -> DemoResult:
-    """Run the whole pipeline on synthetic data in ``workdir`` (recreated on each run)."""
+def run_demo(
+    workdir: str | Path = "histoindex-demo", *, training: api.TrainOptions = DEMO_TRAINING, device: str | None = None, log=print, progress=None
+) -> DemoResult:
+    """Run the whole pipeline on synthetic data in ``workdir`` (recreated on each run).
+    ``progress(step, done, total)`` is called as each long step advances (as the API's)."""
     started = time.perf_counter()
     workdir = Path(workdir)
     if workdir.exists():
@@ -62,21 +65,29 @@ def run_demo(workdir: str | Path = "histoindex-demo", *, training: api.TrainOpti
     db = workdir / "histoindex.db"
 
     log("1/6 generating a synthetic reference section and a held-out section (pyramidal TIFF + h5ad)")
-    train_h5ad, _ = write_section(make_section(seed=1), workdir, name="synthetic-train")
-    heldout_h5ad, heldout_tif = write_section(make_section(seed=2), workdir, name="synthetic-heldout")
+    written = []
+    for i, (seed, name) in enumerate(((1, "synthetic-train"), (2, "synthetic-heldout"))):
+        if progress is not None:
+            progress("synthetic sections", i, 2)
+        written.append(write_section(make_section(seed=seed), workdir, name=name))
+    if progress is not None:
+        progress("synthetic sections", 2, 2)
+    (train_h5ad, _), (heldout_h5ad, heldout_tif) = written
 
     log(f"2/6 histoindex train {train_h5ad.name} --db {db}")
     reference = api.read_reference(train_h5ad, platform="visium")
-    trained = api.train([reference], db=db, options=training, device=device, log=log)
+    trained = api.train([reference], db=db, options=training, device=device, log=log, progress=progress)
 
     log(f"3/6 histoindex ingest {train_h5ad.name} --tissue breast --platform visium --db {db}")
-    ingested = api.ingest(reference, db=db, tissue="breast", platform="visium", device=device, log=log)
+    ingested = api.ingest(reference, db=db, tissue="breast", platform="visium", device=device, log=log, progress=progress)
 
     log(f"4/6 histoindex query {heldout_tif.name} --tissue breast --spots {heldout_h5ad.name} --out heldout_predictions.parquet")
-    at_spots = api.query(heldout_tif, db=db, tissue="breast", spots=heldout_h5ad, out=workdir / "heldout_predictions.parquet", device=device, log=log)
+    at_spots = api.query(
+        heldout_tif, db=db, tissue="breast", spots=heldout_h5ad, out=workdir / "heldout_predictions.parquet", device=device, log=log, progress=progress
+    )
 
     log(f"5/6 histoindex query {heldout_tif.name} --tissue breast --out slide_predictions.h5ad  (tissue tiles on a grid)")
-    grid = api.query(heldout_tif, db=db, tissue="breast", out=workdir / "slide_predictions.h5ad", device=device, log=log)
+    grid = api.query(heldout_tif, db=db, tissue="breast", out=workdir / "slide_predictions.h5ad", device=device, log=log, progress=progress)
 
     statement = (
         "SELECT slide, count(*) AS tiles, round(avg(value), 3) AS mean_FASN FROM predictions_long WHERE gene = 'FASN' GROUP BY slide, run_id ORDER BY tiles"

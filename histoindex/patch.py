@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from .data import PatchGrid, SpotSet
 from .errors import InputError, MissingPixelSize
+from .io.pixelsize import SPOT_PITCH_UM
 from .io.slides import ArraySlide, Slide, open_slide
 from .stain import StainTransform, check_stain, fit_macenko, sample_indices
+
+#: the finest output grid, as a fraction of the window (patch) size: ``--stride-um`` at least patch / 16
+MAX_OVERSAMPLING = 16
 
 
 def open_spot_image(spots: SpotSet) -> Slide:
@@ -178,31 +182,79 @@ def tissue_mask(thumbnail: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(mask)
 
 
-def tile_grid(slide: Slide, *, tile_um: float, min_tissue: float = 0.5, thumb_side: int = 2048) -> PatchGrid:
-    """Tiles of ``tile_um`` µm on a regular grid over the slide, kept where at least ``min_tissue``
-    of the tile is tissue. Ids are ``r{row}_c{col}``; centres are level-0 pixels."""
+def default_stride_um(platforms: Iterable[str], patch_um: float) -> tuple[float, str]:
+    """The default pitch of a query's output grid, and why: the spot pitch of the references'
+    platform (Visium 100 µm, legacy ST 200 µm; :data:`~histoindex.io.pixelsize.SPOT_PITCH_UM`)
+    when every reference searched is of that one platform, capped at the patch size; otherwise
+    (mixed platforms, or one without a known pitch) the patch size: tiles side by side, as before."""
+    names = sorted({str(p).strip().lower() for p in platforms if p is not None})
+    if len(names) == 1:
+        pitch = SPOT_PITCH_UM.get(names[0])
+        if pitch is None:
+            return float(patch_um), f"the patch size: platform {names[0]!r} has no known spot pitch"
+        if pitch >= patch_um:
+            return float(patch_um), f"the patch size: the {names[0]} spot pitch, {pitch:g} µm, is not finer"
+        return float(pitch), f"the {names[0]} spot pitch"
+    return float(patch_um), f"the patch size: the references mix platforms ({', '.join(names)})" if names else "the patch size"
+
+
+def check_stride(stride_um: float, patch_um: float) -> float:
+    """``stride_um`` if it is a usable output pitch for windows of ``patch_um``: positive, at most
+    the patch (a coarser grid would leave unpredicted gaps between windows), and at least
+    ``patch_um / MAX_OVERSAMPLING`` (finer only multiplies the windows over each point)."""
+    stride = float(stride_um)
+    if not (np.isfinite(stride) and stride > 0):
+        raise InputError(f"--stride-um must be a positive number of micrometres, got {stride_um}")
+    if stride > patch_um:
+        raise InputError(
+            f"--stride-um {stride:g} is larger than the model's {patch_um:g} µm patch: windows would leave gaps between them; use at most {patch_um:g}"
+        )
+    if stride < patch_um / MAX_OVERSAMPLING:
+        raise InputError(
+            f"--stride-um {stride:g} is finer than 1/{MAX_OVERSAMPLING} of the model's {patch_um:g} µm patch ({patch_um / MAX_OVERSAMPLING:g} µm): "
+            f"every point would lie under over {MAX_OVERSAMPLING**2} windows for no more detail"
+        )
+    return stride
+
+
+def tile_grid(slide: Slide, *, tile_um: float, stride_um: float | None = None, min_tissue: float = 0.5, thumb_side: int = 2048) -> PatchGrid:
+    """Windows of ``tile_um`` µm centred on a regular grid of pitch ``stride_um`` (default
+    ``tile_um``: tiles side by side) over the slide, kept where at least ``min_tissue`` of the
+    stride-sized cell around the centre is tissue (at stride = tile, the tile itself; at a finer
+    stride, about "the centre is on tissue"). Every window lies inside the slide: the first centre
+    is half a window from the edge, so when the stride divides the tile size, every centre of the
+    coarse grid is also one of the finer grid. Ids are ``r{row}_c{col}`` on the grid; centres are
+    level-0 pixels."""
     if slide.mpp is None:
         name = slide.path.name if slide.path else "the image"
         raise MissingPixelSize(f"{name} has no pixel size (µm per pixel) in its metadata; pass --mpp (e.g. --mpp 0.5 for a 20x scan)")
     side = tile_um / slide.mpp
-    n_cols, n_rows = int(slide.width // side), int(slide.height // side)
-    if n_cols == 0 or n_rows == 0:
+    step = side if stride_um is None or stride_um == tile_um else stride_um / slide.mpp
+    if not 0 < step <= side:
+        raise InputError(f"the grid's stride ({stride_um} µm) must be positive and at most the tile size ({tile_um:g} µm)")
+    if step < 1:
+        raise InputError(f"--stride-um {stride_um:g} is under one pixel of the slide ({slide.mpp:.3g} µm/px)")
+    margin = side - step  # a window reaches this much further than its cell, half on each side
+    n_cols, n_rows = int((slide.width - margin) // step), int((slide.height - margin) // step)
+    if n_cols <= 0 or n_rows <= 0:
         raise InputError(f"the slide ({slide.width}×{slide.height} px at {slide.mpp:.3g} µm/px) is smaller than one {tile_um:g} µm tile")
     thumb = slide.thumbnail(thumb_side)
     mask = tissue_mask(thumb)
     sy, sx = thumb.shape[0] / slide.height, thumb.shape[1] / slide.width
-    rows, cols, fractions = [], [], []
-    for r in range(n_rows):
-        y0, y1 = int(r * side * sy), max(int((r + 1) * side * sy), int(r * side * sy) + 1)
-        for c in range(n_cols):
-            x0, x1 = int(c * side * sx), max(int((c + 1) * side * sx), int(c * side * sx) + 1)
-            fractions.append(mask[y0:y1, x0:x1].mean())
-            rows.append(r)
-            cols.append(c)
-    keep = np.asarray(fractions) >= min_tissue
-    rows, cols = np.asarray(rows)[keep], np.asarray(cols)[keep]
-    xy = np.stack([(cols + 0.5) * side, (rows + 0.5) * side], axis=1).astype(np.float64)
-    ids = np.asarray([f"r{r}_c{c}" for r, c in zip(rows, cols)], dtype=str)
+    # the thumbnail pixels of each cell (at least one), summed from an integral image
+    x0 = ((margin / 2 + np.arange(n_cols) * step) * sx).astype(np.int64)
+    x1 = np.minimum(np.maximum(((margin / 2 + np.arange(1, n_cols + 1) * step) * sx).astype(np.int64), x0 + 1), mask.shape[1])
+    y0 = ((margin / 2 + np.arange(n_rows) * step) * sy).astype(np.int64)
+    y1 = np.minimum(np.maximum(((margin / 2 + np.arange(1, n_rows + 1) * step) * sy).astype(np.int64), y0 + 1), mask.shape[0])
+    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.int64)
+    integral[1:, 1:] = mask.cumsum(axis=0).cumsum(axis=1)
+    Y0, X0 = np.meshgrid(y0, x0, indexing="ij")
+    Y1, X1 = np.meshgrid(y1, x1, indexing="ij")
+    inside = integral[Y1, X1] - integral[Y0, X1] - integral[Y1, X0] + integral[Y0, X0]
+    fractions = inside / ((Y1 - Y0) * (X1 - X0))
+    rows, cols = np.nonzero(fractions >= min_tissue)  # row-major: the order of the grid
+    xy = np.stack([margin / 2 + (cols + 0.5) * step, margin / 2 + (rows + 0.5) * step], axis=1).astype(np.float64)
+    ids = np.asarray([f"r{r}_c{c}" for r, c in zip(rows.tolist(), cols.tolist())], dtype=str)
     if len(ids) == 0:
         raise InputError(f"no tissue found on {slide.path.name if slide.path else 'the image'} (Otsu on a thumbnail)")
     return PatchGrid(ids=ids, xy=xy.reshape(-1, 2), mpp=slide.mpp)

@@ -18,6 +18,7 @@ import numpy as np
 from .data import SPOT_DIAMETER_UM, SpotSet
 from .errors import InputError
 from .io.predictions import Predictions, _positive, check_gene_names, read_predictions  # noqa: F401  (check_gene_names: re-exported)
+from .io.write import cell_um
 from .metrics import pearson_per_gene
 
 #: picture formats matplotlib writes without extra libraries
@@ -73,7 +74,8 @@ class _Layer:
 
 def _match(pred: Predictions, truth: SpotSet, *, tile_px: float, spot_px: float) -> tuple[np.ndarray, np.ndarray, str]:
     """Pairs (prediction row, truth row): by spot id when the query ran at the reference's spots,
-    else each truth spot with the tile (or spot) whose area holds its centre."""
+    else each truth spot with the tile (or spot) whose area holds its centre (a tile's area: the
+    cell of the grid's stride around its centre)."""
     truth_index = {s: i for i, s in enumerate(truth.obs_names)}
     if not pred.is_grid:
         pairs = [(i, truth_index[s]) for i, s in enumerate(pred.ids) if s in truth_index]
@@ -237,8 +239,10 @@ def render_predictions(
         truth_name = Path(truth_set.source).name if truth_set.source else truth_set.name
         check_gene_names(genes, [str(g) for g in truth_set.var_names], where=truth_name)
 
-    # mark sizes, level-0 pixels (without a pixel size: from the spacing of the marks)
-    tile_px = patch_um / mpp if (patch_um and mpp) else _spacing(pred.xy)
+    # mark sizes, level-0 pixels (without a pixel size: from the spacing of the marks). A tile is
+    # drawn as its cell, the grid's stride: overlapping windows on a fine grid make a fine map
+    stride_um = cell_um(pred.provenance) if patch_um else None
+    tile_px = stride_um / mpp if (stride_um and mpp) else _spacing(pred.xy)
     if spot_um is not None and mpp:
         spot_px = spot_um / mpp
     elif truth_set is not None and truth_set.spot_diameter_px:
@@ -285,6 +289,8 @@ def render_predictions(
 
     what = "tiles" if pred.is_grid else "spots"
     size_label = f" of {patch_um:g} µm" if (pred.is_grid and patch_um) else ""
+    if pred.is_grid and patch_um and stride_um and stride_um < patch_um:
+        size_label += f" every {stride_um:g} µm"
     title = f"{pred.slide}  ·  {pred.n_obs} {what}{size_label}"
     if truth_set is not None:
         title += f"  ·  truth: {truth_name} ({len(p_rows)} spots matched by {matched_by})"

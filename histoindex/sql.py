@@ -177,6 +177,16 @@ def _store_dir(store: Store | None) -> Path | None:
     return _real(local) if local is not None else None
 
 
+def check_output_outside_store(out: str | Path, store: Store | None) -> Path:
+    """``sql --out``'s file, refused inside the store's folder: a result written there could
+    replace or sit among the tables' own files."""
+    store_dir = _store_dir(store)
+    target = _real(out)
+    if store_dir is not None and _inside(target, store_dir):
+        raise SqlError(f"--out {out}: inside the store ({store_dir}); write results outside it")
+    return Path(out)
+
+
 def _refuse_store(path: Path, shown: str, store_dir: Path) -> None:
     raise SqlError(
         f"histoindex sql does not read files inside the store ({store_dir}): {shown!r}; "

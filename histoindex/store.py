@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -461,9 +461,14 @@ class Store:
 
     # ---- spots --------------------------------------------------------------------------
     def write_dataset(self, rows: pa.Table, *, model_id: str, dataset: str) -> int:
-        """Write one dataset's spots under one model in a single commit, replacing the rows that
+        """One dataset's spots (see :meth:`write_datasets`)."""
+        return self.write_datasets(rows, model_id=model_id, datasets=[dataset])
+
+    def write_datasets(self, rows: pa.Table, *, model_id: str, datasets: Sequence[str]) -> int:
+        """Write datasets' spots under one model in a single commit, replacing the rows that each
         (model, dataset) had; returns the version that holds them, tagged
-        ``ingest-<dataset>-v<version>``.
+        ``ingest-<dataset>-v<version>`` (several: ``ingest-<first>-and-<n>-more-v<version>``, the
+        tag's metadata listing them all).
 
         Always one ``merge_insert`` keyed on (model_id, dataset, spot_id): matching spots are
         updated, new ones inserted, the (model, dataset) rows it no longer has deleted. The key
@@ -472,11 +477,14 @@ class Store:
         duplicates). When the table has a vector index, the new rows are folded into it (one more
         version, the one returned and tagged)."""
         data = conform("spots", rows)
-        for column, value in (("model_id", model_id), ("dataset", dataset)):
-            if set(data.column(column).unique().to_pylist()) != {value}:
-                raise StoreError(f"rows for {column} {value!r} carry other {column} values")
+        datasets = list(datasets)
+        if set(data.column("model_id").unique().to_pylist()) != {model_id}:
+            raise StoreError(f"rows for model_id {model_id!r} carry other model_id values")
+        if set(data.column("dataset").unique().to_pylist()) != set(datasets):
+            raise StoreError(f"rows for datasets {', '.join(map(repr, datasets))} carry other dataset values (or lack one)")
         tbl = self._writable("spots")
-        scope = f"model_id = {sql_literal(model_id)} AND dataset = {sql_literal(dataset)}"
+        scope = f"model_id = {sql_literal(model_id)} AND dataset IN ({', '.join(sql_literal(d) for d in datasets)})"
+        dataset = datasets[0] if len(datasets) == 1 else f"{datasets[0]}-and-{len(datasets) - 1}-more"
         try:
             version = (
                 tbl.merge_insert(list(layout("spots").key))
@@ -497,7 +505,7 @@ class Store:
         try:
             tag = _tag_safe(f"ingest-{dataset}-v{version}")
             tbl.tags.create(tag, version)
-            tbl.to_lance().tags.replace_metadata(tag, {OPERATION_KEY: "ingest", "histoindex.dataset": dataset, "histoindex.model_id": model_id})
+            tbl.to_lance().tags.replace_metadata(tag, {OPERATION_KEY: "ingest", "histoindex.dataset": ", ".join(datasets), "histoindex.model_id": model_id})
         except Exception:  # a tag is a convenience; the version itself is the record
             pass
         return version
@@ -677,11 +685,12 @@ class Store:
         return self.refresh_indexes()
 
     # ---- predictions --------------------------------------------------------------------
-    def predicted_slide(self, slide: str, *, model_id: str, spots_version: int) -> bool:
-        """Whether ``predictions`` holds a run of ``slide`` (its file name) by this model against
-        this ``spots`` version (each run is one commit: present means whole)."""
-        where = f"slide = {sql_literal(slide)} AND model_id = {sql_literal(model_id)} AND spots_version = {int(spots_version)}"
-        return self.table("predictions").count_rows(where) > 0
+    def predicted_slides(self, *, model_id: str, spots_version: int) -> set[str]:
+        """The slides ``predictions`` holds a run of by this model against this ``spots`` version:
+        one scan of the slide column, however many slides a cohort asks about."""
+        where = f"model_id = {sql_literal(model_id)} AND spots_version = {int(spots_version)}"
+        slides = self.table("predictions").to_lance().to_table(columns=["slide"], filter=where).column("slide")
+        return set(slides.unique().to_pylist())
 
     def add_predictions(self, rows: pa.Table | Iterable[pa.RecordBatch]) -> int:
         """Append prediction rows in one commit; ``rows`` may be a stream of record batches, which

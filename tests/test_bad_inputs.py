@@ -26,7 +26,7 @@ def test_h5ad_without_spatial(store, sections, tmp_path):
     before = _snapshot(store)
     result = run("ingest", bad, "--tissue", "breast", "--db", store, ok=False)
     assert result.exit_code == 1
-    assert result.output.startswith(f"Error: {bad} has no obsm['spatial']")
+    error_line(result, f"{bad} has no obsm['spatial']")
     assert _snapshot(store) == before
 
 
@@ -184,7 +184,13 @@ def test_reference_genes_must_cover_the_model(store, sections, tmp_path):
     adata[:, [g for g in adata.var_names if g not in dropped]].copy().write_h5ad(partial)
     before = _snapshot(store)
     result = run("ingest", renamed, "--tissue", "breast", "--db", store, ok=False)
-    error_line(result, f"all of the model's {len(genes)} genes are missing from {renamed} (its genes are like ENSG00000000000", "symbols vs Ensembl ids")
+    error_line(
+        result,
+        f"none of the model's {len(genes)} genes is in {renamed}: the model uses symbols",
+        "the file uses Ensembl ids (e.g. ENSG00000000000",
+        "--db NEW.db",
+        "--model ID",
+    )
     result = run("ingest", partial, "--tissue", "breast", "--db", store, ok=False)
     line = error_line(result, f"{partial} lacks 2 of the model's {len(genes)} genes", "histoindex train --genes FILE")
     assert all(g in line for g in dropped)

@@ -78,7 +78,29 @@ def test_cohort_input_errors(store, sections, tmp_path):
         (["query", *slides, "--spots", sections.heldout_h5ad], "--spots and --plot take one slide"),
         (["query", "--slides", tmp_path / "missing.csv"], "manifest not found"),
         (["query"], "give a slide"),
+        (["query", str(tmp_path / "nowhere" / "*.svs")], "matches no file"),
     ]
     for args, message in cases:
         result = run(*args, "--db", store, ok=False)
         assert result.exit_code != 0 and message in result.output, (args, result.output)
+
+
+def test_a_quoted_pattern_and_a_manifest_with_ids_and_metadata(store, sections, tmp_path):
+    folder, slides = _cohort(sections, tmp_path)
+    out = tmp_path / "preds"
+    result = run("query", str(folder / "*.tif"), "--tissue", "breast", "--out", f"{out}/", "--db", store)
+    assert "2 slides predicted" in result.output and sorted(p.name for p in out.iterdir()) == ["a.parquet", "b.parquet"]
+
+    manifest = tmp_path / "manifest.parquet"
+    pl.DataFrame({"slide": ["slides/a.tif", "slides/b.tif"], "slide_id": ["TCGA-01", "TCGA-02"], "patient": ["P1", "P2"], "age": [61, 47]}).write_parquet(
+        manifest
+    )
+    by_id = tmp_path / "by-id"
+    result = run("query", "--slides", manifest, "--tissue", "breast", "--out", by_id, "--format", "h5ad", "--db", store)
+    assert "2 slides predicted" in result.output
+    assert sorted(p.name for p in by_id.iterdir()) == ["TCGA-01.h5ad", "TCGA-02.h5ad"]
+    import anndata
+
+    adata = anndata.read_h5ad(by_id / "TCGA-02.h5ad")
+    assert set(adata.obs["patient"]) == {"P2"} and set(adata.obs["age"]) == {47} and set(adata.obs["slide"]) == {"TCGA-02"}
+    assert "TCGA-01" in _rows_per_slide(store) and "TCGA-02" in _rows_per_slide(store)  # predictions keyed by slide_id

@@ -11,6 +11,9 @@ def test_demo_runs_and_beats_a_constant_predictor(tmp_path):
     workdir = tmp_path / "demo"
     result = run("demo", "--workdir", workdir)
     assert "mean per-gene Pearson r" in result.stdout
+    # no silent stretch: the libraries' loading, the synthetic sections and training are announced or counted
+    for text in ("loading the libraries", "synthetic sections: 2/2", "estimated time on", "epochs: 12/12", "loading model bleep-"):
+        assert text in result.stderr, (text, result.stderr)
     summary = json.loads((workdir / "demo_result.json").read_text())
     assert summary["heldout_r"] > 0.3 and summary["heldout_r_markers"] > 0.6
     assert summary["mse_model"] < 0.5 * summary["mse_constant"]

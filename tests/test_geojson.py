@@ -42,8 +42,10 @@ def test_grid_query_writes_tiles_as_squares_with_the_genes_as_measurements(store
     assert len(features) == frame.height > 50
     assert [f["properties"]["name"] for f in features] == frame["tile_id"].to_list()
     assert {f["properties"]["objectType"] for f in features} == {"tile"}
-    # each tile is the square its prediction was cut from, centred on the tile, in level-0 pixels
-    side = collection["histoindex"]["patch_um"] / collection["histoindex"]["mpp"]
+    # each tile is the square cell of the grid around its centre (the stride: 100 µm, the Visium
+    # references' spot pitch; its window, the model's 110 µm patch, overlaps its neighbours'), level-0 pixels
+    assert collection["histoindex"]["stride_um"] == 100.0 < collection["histoindex"]["patch_um"]
+    side = collection["histoindex"]["stride_um"] / collection["histoindex"]["mpp"]
     rings = np.array([f["geometry"]["coordinates"][0] for f in features])  # n × 5 × 2
     assert rings.shape[1:] == (5, 2) and np.allclose(rings[:, 0], rings[:, 4])
     np.testing.assert_allclose(rings[:, 2] - rings[:, 0], side)

@@ -16,7 +16,7 @@ from histoindex.metrics import pearson_per_gene
 from histoindex.plot import check_gene_names, colour_limits, picture_path, read_predictions, render_predictions, value_colours
 from histoindex.store import Store
 
-from .conftest import run
+from .conftest import error_line, run
 
 
 @dataclass(frozen=True)
@@ -175,7 +175,8 @@ def test_query_plot_checks_before_any_work(predicted, sections, tmp_path):
     result = run("query", sections.heldout_tif, "--tissue", "breast", "--plot", "FASN", "--db", predicted.db, ok=False)
     assert result.exit_code == 2 and "--plot needs --out" in result.output
     result = run("query", sections.heldout_tif, "--tissue", "breast", "--out", tmp_path / "p.parquet", "--plot", "NOPE", "--db", predicted.db, ok=False)
-    assert result.exit_code == 1 and result.output.startswith("Error: gene NOPE not in model bleep-")
+    assert result.exit_code == 1 and error_line(result, "gene NOPE not in model bleep-")
+    assert "tissue tiles" not in result.output, "the gene is checked before the slide is tiled"
     assert not (tmp_path / "p.parquet").exists()
     assert Store(predicted.db).versions() == before
 

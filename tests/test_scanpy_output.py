@@ -39,8 +39,8 @@ def test_scanpy_draws_the_predictions_over_the_slide(scanpy, store, sections, tm
         np.testing.assert_allclose(image.shape[0] / entry["scalefactors"][f"tissue_{name}_scalef"], slide.height, rtol=0.02)
     cfg = Store(store).model().cfg
     diameter = entry["scalefactors"]["spot_diameter_fullres"]
-    if where == "tiles":
-        assert diameter == pytest.approx(cfg.patch_um / slide.mpp)
+    if where == "tiles":  # the grid's cell: its stride (the Visium references' 100 µm spot pitch), not the 110 µm window
+        assert diameter == pytest.approx(adata.uns["histoindex"]["stride_um"] / slide.mpp) == pytest.approx(100.0 / slide.mpp)
     else:
         assert 0 < diameter < cfg.patch_um / slide.mpp
 

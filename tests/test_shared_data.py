@@ -179,7 +179,7 @@ def test_cli_ingest_then_query_real_slide(brain_store):
 
     slide = open_slide(SVS)
     try:
-        grid = tile_grid(slide, tile_um=TILE_UM)
+        grid = tile_grid(slide, tile_um=TILE_UM, stride_um=100.0)  # query's default: the Visium references' 100 µm spot pitch
     finally:
         slide.close()
 

@@ -298,3 +298,16 @@ def test_api_sql_refuses_and_runs_the_same_way(guarded, tmp_path):
     assert run_sql(None, "SELECT 42 AS x").column("x").to_pylist() == [42]  # no store: plain DuckDB, still locked
     with pytest.raises(SqlError, match="got ATTACH"):
         run_sql(None, "ATTACH ':memory:' AS m")
+
+
+def test_out_is_refused_inside_the_store(guarded, tmp_path):
+    manifests = sorted((guarded / "spots.lance" / "_versions").glob("*.manifest"))
+    targets = [guarded / "result.csv", manifests[-1], guarded / "spots.lance" / "x.parquet"]
+    link = tmp_path / "into-store"
+    link.symlink_to(guarded)
+    targets.append(link / "result.json")
+    for target in targets:
+        result = run("sql", "SELECT count(*) AS n FROM spots", "--db", guarded, "--out", target, ok=False)
+        assert result.exit_code == 1 and "inside the store" in result.output, (target, result.output)
+    result = run("sql", "SELECT count(*) AS n FROM spots", "--db", guarded, "--out", tmp_path / "n.csv")
+    assert (tmp_path / "n.csv").read_text().splitlines()[0] == "n"

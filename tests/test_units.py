@@ -149,7 +149,9 @@ def test_normalisation_is_log1p_cp10k():
     out = _spots(X, ["a", "b"]).normalized(["b", "a"])
     np.testing.assert_allclose(out[0], np.log1p([7500.0, 2500.0]), rtol=1e-6)
     np.testing.assert_allclose(out[1], [0.0, 0.0])
-    with pytest.raises(InputError, match="missing"):
+    with pytest.raises(InputError, match=r"lacks 1 of the model.s 2 genes \(c\)"):  # some of the genes absent
+        _spots(X, ["a", "b"]).normalized(["a", "c"])
+    with pytest.raises(InputError, match="none of the model's 1 genes"):  # no overlap at all: says what each side uses
         _spots(X, ["a", "b"]).normalized(["c"])
 
 
@@ -300,3 +302,19 @@ def test_pillow_bomb_guard_is_lifted_only_while_a_slide_is_read(tmp_path):
     assert slide.read_region(0, 0, 32, 16).shape == (16, 16, 3)
     slide.close()
     assert Image.MAX_IMAGE_PIXELS == before
+
+
+@pytest.mark.parametrize("freeze_backbone", [False, True])
+def test_the_training_estimate_leaves_the_model_as_it_was(freeze_backbone):
+    from histoindex.recipe import estimate_training
+
+    cfg = ModelConfig(backbone="test_resnet", patch_px=32, genes=("a", "b", "c"), freeze_backbone=freeze_backbone, epochs=3)
+    model = create_model(cfg)  # in training mode, as train_model builds it: batch norm would update its running statistics
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    estimate = estimate_training(model, cfg, 100, device="cpu", precision="fp32", embed_spots=50, probe=4)
+    assert estimate.seconds > 0 and "patches/s" in estimate.how
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for name, tensor in before.items():
+        assert torch.equal(tensor, after[name]), name
+    assert all(p.grad is None for p in model.parameters())

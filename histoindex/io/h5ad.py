@@ -17,7 +17,7 @@ import scipy.sparse as sp
 from ..data import ImageRef, SpotSet
 from ..errors import InputError, LowResolutionImageWarning
 from ._guard import reader
-from .pixelsize import reference_pixel_size, scale_factor
+from .pixelsize import PixelSize, reference_pixel_size, scale_factor
 
 
 def _read(path: Path):
@@ -127,6 +127,49 @@ def _library(adata, path: Path) -> tuple[str | None, dict]:
     return libraries[0], spatial[libraries[0]]
 
 
+#: var columns that hold a second name per gene: Ensembl ids beside symbol var_names (scanpy's
+#: read_visium / read_10x_h5 write ``gene_ids``), or symbols beside Ensembl-id var_names
+GENE_ALIAS_COLUMNS = ("gene_ids", "gene_id", "ensembl_id", "gene_symbols", "gene_symbol", "symbol", "feature_name", "gene_name")
+
+
+def gene_aliases(var, var_names: np.ndarray) -> np.ndarray | None:
+    """The first of :data:`GENE_ALIAS_COLUMNS` in ``var`` (a DataFrame indexed like the genes)
+    whose values differ from ``var_names``, as strings; None when there is none."""
+    if var is None or len(var) != len(var_names):
+        return None
+    for column in GENE_ALIAS_COLUMNS:
+        if column in getattr(var, "columns", ()):
+            values = np.asarray(var[column].astype(str), dtype=str)
+            if not np.array_equal(values, np.asarray(var_names, dtype=str)):
+                return values
+    return None
+
+
+def h5ad_pixel_size(path: str | Path, *, xy_px: np.ndarray, platform: str) -> PixelSize:
+    """The pixel size of a spots ``.h5ad`` by the rules references follow (spot pitch from the
+    array coordinates or the spacing of ``xy_px``, else ``spot_diameter_fullres``), with no image:
+    for ``query --spots`` on a slide whose metadata has no pixel size."""
+    import anndata
+
+    path = Path(path)
+    try:
+        adata = anndata.read_h5ad(path, backed="r")
+    except Exception as exc:
+        raise InputError(f"cannot read spots file {path} as AnnData .h5ad: {exc}") from exc
+    try:
+        library, lib = _library(adata, path)
+        scalefactors = lib.get("scalefactors", {}) if isinstance(lib, dict) else {}
+        scalefactors = dict(scalefactors) if isinstance(scalefactors, dict) else {}
+        diameter = scale_factor(scalefactors, "spot_diameter_fullres", where=f"{path}: uns['spatial'][{library!r}]['scalefactors']")
+        rows, cols = array_coordinates(adata.obs)
+    finally:
+        adata.file.close()
+    return reference_pixel_size(
+        mpp=None, image_path=None, image_scale=1.0, xy_px=xy_px, platform=platform, array_rows=rows, array_cols=cols,
+        spot_diameter_px=diameter, where=str(path), diameter_source=f"spot_diameter_fullres in {path.name}",
+    )  # fmt: skip
+
+
 @reader("a spatial AnnData .h5ad")
 def read_h5ad(
     path: str | Path,
@@ -209,6 +252,7 @@ def read_h5ad(
         values_source=values_source,
         spot_diameter_px=diameter,
         source=str(path),
+        gene_aliases=gene_aliases(adata.raw.var if values_source == ".raw" else adata.var, var_names),
     )
 
 

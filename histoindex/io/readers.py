@@ -15,6 +15,7 @@ from ._guard import reader
 from .h5ad import read_h5ad
 from .slides import ArraySlide, image_overview
 from .spaceranger import read_spaceranger
+from .spatialdata import is_zarr_store, read_spatialdata
 from .st import read_st
 
 #: an image whose pixels under the spots span fewer grey levels than this (1st to 99th percentile, in
@@ -42,7 +43,8 @@ def read_reference(
     * a folder: a Space Ranger ``outs/`` folder (:func:`~histoindex.io.read_spaceranger`);
     * ``.tsv``/``.csv`` (optionally ``.gz``): legacy ST counts, spots × genes
       (:func:`~histoindex.io.read_st`), which needs ``spot_table`` and ``image``;
-    * ``.h5ad``: AnnData in the scanpy/squidpy Visium layout (:func:`~histoindex.io.read_h5ad`).
+    * ``.h5ad``: AnnData in the scanpy/squidpy Visium layout (:func:`~histoindex.io.read_h5ad`);
+    * ``.zarr`` (or a folder that is a Zarr group): SpatialData (:func:`~histoindex.io.spatialdata.read_spatialdata`).
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -50,6 +52,10 @@ def read_reference(
         suffix = Path(path.stem).suffix.lower() + suffix
     if not path.exists():
         raise InputError(f"reference file not found: {path}")
+    if suffix == ".zarr" or is_zarr_store(path):  # SpatialData (scverse)
+        if spot_table is not None:
+            raise InputError(f"--spot-table applies to legacy ST counts (.tsv/.csv), not to {path}")
+        return read_spatialdata(path, image=image, platform=platform, name=name, mpp=mpp, log_normalised=log_normalised)
     if path.is_dir():
         reader = read_spaceranger
     elif suffix in {".tsv", ".tsv.gz", ".csv", ".csv.gz"}:

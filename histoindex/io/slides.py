@@ -228,9 +228,9 @@ def image_mpp(path: str | Path) -> float | None:
         slide.close()
 
 
-def write_pyramidal_tiff(path: str | Path, image: np.ndarray, *, mpp: float, tile: int = 256, levels: int | None = None) -> Path:
+def write_pyramidal_tiff(path: str | Path, image: np.ndarray, *, mpp: float | None, tile: int = 256, levels: int | None = None) -> Path:
     """Write an RGB array as a tiled, JPEG-compressed pyramidal TIFF that OpenSlide reads as a
-    generic TIFF, with its pixel size in the resolution tags."""
+    generic TIFF, with its pixel size in the resolution tags (none when ``mpp`` is None)."""
     import tifffile
 
     path = Path(path)
@@ -238,7 +238,7 @@ def write_pyramidal_tiff(path: str | Path, image: np.ndarray, *, mpp: float, til
         levels = 1
         while max(image.shape[:2]) / 2**levels >= tile:
             levels += 1
-    res = (1e4 / mpp, 1e4 / mpp)  # pixels per centimetre
+    res = (1e4 / mpp, 1e4 / mpp) if mpp else None  # pixels per centimetre
     with tifffile.TiffWriter(path, bigtiff=image.nbytes > 2**31) as tif:
         level_img = image
         for level in range(levels):
@@ -248,8 +248,8 @@ def write_pyramidal_tiff(path: str | Path, image: np.ndarray, *, mpp: float, til
                 tile=(tile, tile),
                 compression="jpeg",
                 compressionargs={"level": 90},
-                resolution=(res[0] / 2**level, res[1] / 2**level),
-                resolutionunit="CENTIMETER",
+                resolution=(res[0] / 2**level, res[1] / 2**level) if res else None,
+                resolutionunit="CENTIMETER" if res else None,
                 subfiletype=0 if level == 0 else 1,
                 metadata=None,
             )

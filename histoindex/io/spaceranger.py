@@ -78,11 +78,11 @@ def _strings(values: np.ndarray) -> np.ndarray:
     return np.asarray([v.decode() if isinstance(v, bytes) else str(v) for v in values], dtype=str)
 
 
-def read_10x_h5(path: str | Path) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
+def read_10x_h5(path: str | Path, *, with_ids: bool = False) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
     """A 10x feature-barcode HDF5 (Cell Ranger ≥ 3 / Space Ranger layout) as barcodes × genes.
 
     Returns the CSR matrix (float32), the barcodes and the gene symbols (``Gene Expression``
-    features only, made unique).
+    features only, made unique); ``with_ids``: also their feature ids (Ensembl), or None.
     """
     import h5py
 
@@ -110,6 +110,8 @@ def read_10x_h5(path: str | Path) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray
             ).T.tocsr()  # stored features × barcodes, column-compressed
             barcodes = _strings(m["barcodes"][:])
             names = _strings(m["features/name"][:])
+            ids = _strings(m["features/id"][:]) if "features/id" in m else None
+            ids = ids if ids is not None and len(ids) == len(names) else None
             types = _strings(m["features/feature_type"][:]) if "features/feature_type" in m else np.full(n_features, GENE_EXPRESSION)
     except InputError:
         raise
@@ -120,6 +122,9 @@ def read_10x_h5(path: str | Path) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray
         raise InputError(f"{path}: no '{GENE_EXPRESSION}' features (feature types: {', '.join(sorted(set(types)))})")
     if not keep.all():
         X, names = X[:, np.flatnonzero(keep)], names[keep]
+        ids = ids[keep] if ids is not None else None
+    if with_ids:
+        return X, barcodes, make_names_unique(names), ids
     return X, barcodes, make_names_unique(names)
 
 
@@ -194,7 +199,7 @@ def read_spaceranger(
     given = Path(path)
     outs = _outs_folder(given)
     spatial = outs / "spatial"
-    X, barcodes, genes = read_10x_h5(outs / MATRIX_FILE)
+    X, barcodes, genes, gene_ids = read_10x_h5(outs / MATRIX_FILE, with_ids=True)
     if not spatial.is_dir():
         raise InputError(f"{outs} has no spatial/ folder (spot positions and scale factors); is this a Space Ranger (not Cell Ranger) run?")
     positions = read_tissue_positions(spatial)
@@ -241,6 +246,7 @@ def read_spaceranger(
         is_counts=looks_like_counts(X),
         spot_diameter_px=diameter,
         source=str(outs),
+        gene_aliases=gene_ids,  # Ensembl ids beside the symbols: a model's genes match either
     )
 
 

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from ..errors import InputError
 
-OUTPUT_SUFFIXES = (".parquet", ".h5ad", ".geojson")
+OUTPUT_SUFFIXES = (".parquet", ".h5ad", ".geojson", ".zarr")  # .zarr: SpatialData (io/spatialdata.py)
 #: outputs that ``plot`` and ``query --plot`` read back
 TABLE_SUFFIXES = (".parquet", ".h5ad")
 #: decimals kept for a GeoJSON measurement (log1p values: 1e-4 is far below any model's error)
@@ -26,7 +26,22 @@ def check_output_path(path: str | Path, suffixes: tuple[str, ...] = OUTPUT_SUFFI
         raise InputError(f"--out {path}: unsupported {kind}; use {' or '.join(suffixes)}")
     if not path.parent.exists():
         raise InputError(f"--out {path}: folder {path.parent} does not exist")
+    if path.suffix.lower() == ".zarr":
+        from .spatialdata import check_zarr_target
+
+        check_zarr_target(path)
     return path
+
+
+def cell_um(provenance: dict) -> float:
+    """The side (µm) of the square a grid prediction stands for: the grid's stride (``stride_um``),
+    or, in files from before strides, the patch size (tiles side by side)."""
+    stride = provenance.get("stride_um")
+    try:
+        stride = float(stride) if stride is not None else 0.0
+    except (TypeError, ValueError):
+        stride = 0.0
+    return stride if np.isfinite(stride) and stride > 0 else float(provenance.get("patch_um", 0.0) or 0.0)
 
 
 class PredictionWriter:
@@ -36,16 +51,21 @@ class PredictionWriter:
     spots version, filter, k, ...) goes into the Parquet metadata, ``uns['histoindex']`` or the
     GeoJSON FeatureCollection's ``histoindex`` member."""
 
-    def __init__(self, path: str | Path, *, id_column: str, slide: str, mpp: float, genes: list[str], provenance: dict):
+    def __init__(self, path: str | Path, *, id_column: str, slide: str, mpp: float, genes: list[str], provenance: dict, metadata: dict | None = None):
         self.path = check_output_path(path)
         self.parquet = self.path.suffix.lower() == ".parquet"
         self.geojson = self.path.suffix.lower() == ".geojson"
         self.id_column, self.slide, self.mpp, self.genes = id_column, slide, mpp, list(genes)
         self.provenance = dict(provenance)
+        # a cohort manifest's columns (patient, site, ...): the same value on every row of the slide
+        self.metadata = {str(k): v for k, v in (metadata or {}).items()}
         base = ["slide", id_column, "x", "y", "x_um", "y_um"]
         clash = [g for g in self.genes if g in base]
         if clash:
             raise InputError(f"gene names clash with output columns: {', '.join(clash)}")
+        clash = [c for c in self.metadata if c in base or c in self.genes]
+        if clash:
+            raise InputError(f"manifest columns clash with output columns or gene names: {', '.join(clash)}")
         self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._writer: pq.ParquetWriter | None = None
         self._tmp = self.path.with_name(self.path.name + (".tmp.h5ad" if self.path.suffix.lower() == ".h5ad" else ".tmp"))
@@ -54,6 +74,7 @@ class PredictionWriter:
         if self.parquet:
             fields = [pa.field("slide", pa.string()), pa.field(id_column, pa.string())]
             fields += [pa.field(name, pa.float64()) for name in base[2:]]
+            fields += [pa.field(name, pa.scalar(value).type if value is not None else pa.string()) for name, value in self.metadata.items()]
             fields += [pa.field(gene, pa.float32()) for gene in self.genes]
             self.schema = pa.schema(fields, metadata={"histoindex": json.dumps(self.provenance, default=str)})
 
@@ -72,6 +93,7 @@ class PredictionWriter:
             pa.array(xy[:, 0] * self.mpp, pa.float64()),
             pa.array(xy[:, 1] * self.mpp, pa.float64()),
         ]
+        columns += [pa.array([value] * len(ids), self.schema.field(name).type) for name, value in self.metadata.items()]
         columns += [pa.array(np.ascontiguousarray(values[:, j], np.float32)) for j in range(values.shape[1])]
         if self._writer is None:
             self._writer = pq.ParquetWriter(self._tmp, self.schema)
@@ -95,6 +117,11 @@ class PredictionWriter:
         ids = np.concatenate([p[0] for p in self._parts]) if self._parts else np.zeros(0, str)
         xy = np.concatenate([p[1] for p in self._parts]) if self._parts else np.zeros((0, 2))
         values = np.concatenate([p[2] for p in self._parts]) if self._parts else np.zeros((0, len(self.genes)), np.float32)
+        if self.path.suffix.lower() == ".zarr":  # SpatialData: written whole, like .h5ad
+            from .spatialdata import write_spatialdata
+
+            table = dict(id_column=self.id_column, slide=self.slide, mpp=self.mpp, provenance=self.provenance, metadata=getattr(self, "metadata", None))
+            return write_spatialdata(self.path, ids=ids, xy=xy, values=values, genes=self.genes, **table)
         self._write_h5ad(ids, xy, values)
         return self.path
 
@@ -111,7 +138,7 @@ class PredictionWriter:
         import pandas as pd
 
         mpp = self.mpp
-        obs = pd.DataFrame({"slide": self.slide, "x_um": xy[:, 0] * mpp, "y_um": xy[:, 1] * mpp}, index=pd.Index(ids, name=self.id_column))
+        obs = pd.DataFrame({"slide": self.slide, **self.metadata, "x_um": xy[:, 0] * mpp, "y_um": xy[:, 1] * mpp}, index=pd.Index(ids, name=self.id_column))
         adata = anndata.AnnData(X=values, obs=obs, var=pd.DataFrame(index=pd.Index(self.genes, name="gene")))
         adata.obsm["spatial"] = xy
         adata.uns["histoindex"] = {k: (v if isinstance(v, (int, float, str)) else json.dumps(v, default=str)) for k, v in self.provenance.items()}
@@ -123,12 +150,13 @@ class PredictionWriter:
         """``uns['spatial'][library]`` as Space Ranger's reader makes it, so ``scanpy.pl.spatial``
         draws the predictions over the slide as it is: ``hires`` (longer side 2,000 px) and
         ``lowres`` (600 px) images cut from the slide, their scale factors to level-0 pixels, and
-        the diameter to draw: a tile's side, or 0.55 × the spacing of given spots (the ratio of
-        Visium's and legacy ST's spots to their pitch)."""
+        the diameter to draw: a tile's cell (the grid's stride: tiles side by side, as many as were
+        predicted, however much their windows overlap), or 0.55 × the spacing of given spots (the
+        ratio of Visium's and legacy ST's spots to their pitch)."""
         from .slides import open_slide
 
         source = str(self.provenance.get("slide_path", ""))
-        side = float(self.provenance.get("patch_um", 0.0)) / self.mpp
+        side = cell_um(self.provenance) / self.mpp
         diameter = side
         if self.id_column == "spot" and len(xy) > 1:
             from scipy.spatial import cKDTree
@@ -164,15 +192,17 @@ class PredictionWriter:
     def _write_features(self, ids: np.ndarray, xy: np.ndarray, values: np.ndarray) -> None:
         if self._geojson is None:
             self._open_geojson()
-        half = float(self.provenance.get("patch_um", 0.0)) / self.mpp / 2  # the window each prediction comes from, px
         spots = self.id_column == "spot"
+        # a spot: the radius of the window it was predicted from; a tile: half its cell (the grid's
+        # stride), so the squares tile the plane without overlap however much the windows overlap
+        half = (float(self.provenance.get("patch_um", 0.0)) if spots else cell_um(self.provenance)) / self.mpp / 2
         rounded = np.round(values.astype(np.float64), GEOJSON_DECIMALS).tolist()
         lines = []
         for i, (x, y) in enumerate(xy.tolist()):
             if spots:  # a measured position: a point, with the radius of the window it was predicted from
                 geometry = {"type": "Point", "coordinates": [x, y]}
                 extra = {"radius": half}
-            else:  # a tile: its square
+            else:  # a tile: the square cell around its centre
                 x0, y0, x1, y1 = x - half, y - half, x + half, y + half
                 geometry = {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]}
                 extra = {}

@@ -1,0 +1,207 @@
+"""Cohorts on a Ray cluster: ``histoindex query ... --ray ADDRESS``.
+
+The unit of work is a slide. Actors each hold the model and the reference embeddings (loaded once
+per actor, one actor per GPU when the cluster has GPUs) and predict whole slides with the same
+streaming pipeline as a local query: reader threads inside the actor read and tile the slide while
+it embeds, searches and imputes. Shipping decoded tiles between processes would move ~150 kB per
+tile through Ray's object store for work that the actor's reader threads already overlap with
+embedding. Each slide's output file is written by the actor (atomically, so a retried slide
+replaces it); its prediction rows come back to the driver, which commits them to ``predictions``:
+one writer, one commit per slide (slides that finish together share one), and a slide whose actor died is retried by Ray (the actor
+restarts and loads the model again) without anything reaching the store twice. The store is
+opened by URI on every node, so a shared ``s3://`` store works from many machines.
+
+Ray is an optional extra (``pip install 'histoindex[ray]'``), imported only here.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import pyarrow as pa
+
+from . import api
+from .errors import InputError, StoreError
+from .store import Store
+
+#: how often Ray restarts a dead actor, and re-runs the slide it was predicting
+MAX_RETRIES = 3
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise InputError("--ray needs Ray: pip install 'histoindex[ray]' (or pip install 'ray>=2.9')") from None
+    return ray
+
+
+def connect(address: str, *, num_cpus: int | None = None):
+    """Join a Ray cluster: ``local`` starts a Ray instance on this machine, ``auto`` joins the
+    cluster this machine belongs to, anything else is the head's address (``ray://host:10001`` or
+    ``host:6379``). A Ray already initialised in this process is used as it is."""
+    ray = _ray()
+    if ray.is_initialized():
+        return ray
+    if address == "local":
+        # workers must import histoindex from the same environment; the dashboard is not needed
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False)
+    else:
+        try:
+            ray.init(address=address, configure_logging=False, log_to_driver=False)
+        except ConnectionError as exc:
+            raise InputError(f"--ray {address}: no Ray cluster there ({exc}); use --ray local to start one on this machine") from None
+    return ray
+
+
+def actor_resources(ray) -> tuple[int, dict]:
+    """How many slide actors to start and what each reserves: one per GPU when the cluster has
+    GPUs; else one per 4 CPUs (torch uses the actor's CPUs for its threads, its readers share them)."""
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    if gpus:
+        return gpus, {"num_gpus": 1, "num_cpus": max(1, int(resources.get("CPU", gpus)) // gpus)}
+    cpus = max(1, int(resources.get("CPU", 1)))
+    per_actor = min(4, cpus)
+    return max(1, cpus // per_actor), {"num_cpus": per_actor}
+
+
+class SlidePredictor:
+    """A Ray actor: the query session (model + references) loaded once, then slide after slide."""
+
+    def __init__(self, db: str, options: dict, batch_size: int, workers: int | None, device: str | None):
+        self.batch_size, self.workers = batch_size, workers
+        self.session = api.open_query(db=db, batch_size=batch_size, device=device, **options)
+
+    def predict(self, entry: api.CohortSlide, out: str | None, mpp: float | None) -> api.QueryResult:
+        return api.query(
+            entry.path, db=self.session.store.uri, out=out, mpp=entry.mpp if entry.mpp is not None else mpp, workers=self.workers,
+            batch_size=self.batch_size, keep_predictions=False, commit=False, session=self.session, slide_name=entry.name, metadata=entry.metadata,
+        )  # fmt: skip
+
+
+def query_cohort(
+    slides: Sequence,
+    *,
+    db: str | Path,
+    address: str = "local",
+    out_dir: str | Path | None = None,
+    out_format: str = "parquet",
+    redo: bool = False,
+    mpp: float | None = None,
+    workers: int | None = None,
+    batch_size: int = 64,
+    device: str | None = None,
+    actors: int | None = None,
+    progress: api.Progress | None = None,
+    log: api.Log = api._quiet,
+    **options,
+) -> api.CohortResult:
+    """:func:`histoindex.api.query_cohort` on a Ray cluster (``address``: see :func:`connect`):
+    the same slides, skips, files, commits and predictions, slide by slide."""
+    entries = api.cohort_slides(slides)
+    outs = api.cohort_outputs(entries, out_dir, out_format)
+    store = Store(db)
+    # every actor searches the same spots version, whatever is ingested while the cohort runs
+    spots = store.table("spots", version=_version(options.pop("as_of", None)))
+    record = store.query_model(version=spots.version, model_id=options.pop("model_id", None))
+    model_id, spots_version = record.model_id, spots.version
+    todo, skipped = api.plan_cohort(store, entries, outs, model_id=model_id, spots_version=spots_version, redo=redo, log=log)
+    result = api.CohortResult(skipped=skipped)
+    if not todo:
+        return result
+    ray = connect(address)
+    n_actors, resources = actor_resources(ray)
+    n_actors = min(actors or n_actors, len(todo))
+    remote = ray.remote(max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES, **resources)(SlidePredictor)
+    options = {**options, "as_of": spots_version, "model_id": model_id}
+    pool = [remote.remote(str(db), options, batch_size, workers, device) for _ in range(n_actors)]
+    log(f"{len(todo)} slides on {n_actors} Ray actor{'s' if n_actors > 1 else ''} ({', '.join(f'{k}={v}' for k, v in resources.items())} each)")
+    started, done, tiles = time.perf_counter(), 0, 0
+    pending, running = list(todo), {}
+    try:
+        while pending or running:
+            while pending and pool:
+                actor = pool.pop()
+                entry, out = pending.pop(0)
+                running[actor.predict.remote(entry, None if out is None else str(out), mpp)] = (actor, entry)
+            # wait for one slide, then take every other slide finished meanwhile: they share a commit
+            (first,), _ = ray.wait(list(running), num_returns=1)
+            ready = [first] + ray.wait([r for r in running if r != first], num_returns=len(running) - 1, timeout=0)[0] if len(running) > 1 else [first]
+            finished = []
+            for ref in ready:
+                actor, entry = running.pop(ref)
+                pool.append(actor)
+                done += 1
+                try:
+                    finished.append(ray.get(ref))
+                except ray.exceptions.RayTaskError as exc:  # the slide's own error (a bad file): reported, not retried
+                    cause = exc.cause if isinstance(exc.cause, (InputError, StoreError, OSError)) else exc
+                    result.failed.append((entry.name, str(cause)))
+                    log(f"[{done}/{len(todo)}] {entry.name}: failed: {cause}")
+                except ray.exceptions.RayActorError as exc:  # the actor died more often than it may restart
+                    result.failed.append((entry.name, f"its Ray worker died {MAX_RETRIES + 1} times: {exc}"))
+                    log(f"[{done}/{len(todo)}] {entry.name}: failed: its Ray worker died")
+                    pool.remove(actor)
+                    pool.append(remote.remote(str(db), options, batch_size, workers, device))
+            rows = [r.rows for r in finished if r.rows is not None]
+            version = store.add_predictions(pa.concat_tables(rows)) if rows else store.table("predictions").version
+            for r in finished:
+                tiles += r.n_tiles
+                result.predicted.append(replace(r, predictions_version=version, rows=None))
+                rate = tiles / (time.perf_counter() - started)
+                log(f"{r.slide}: {r.n_tiles} tiles in {r.seconds:.1f} s; predictions@{version} (cohort: {done}/{len(todo)} slides, {rate:.0f} tiles/s)")
+            if progress is not None:
+                progress("slides", done, len(todo))
+    finally:
+        for actor in pool + [a for a, _ in running.values()]:
+            ray.kill(actor)
+    return result
+
+
+def _version(as_of):
+    return int(as_of) if as_of is not None and str(as_of).isdigit() else as_of
+
+
+class ReferenceEmbedderActor:
+    """A Ray actor: one model loaded once, embedding reference after reference into spots rows."""
+
+    def __init__(self, db: str, model_id: str, device: str | None, precision: str, batch_size: int):
+        self.embedder = api.ReferenceEmbedder(Store(db).model(model_id), device=device, batch_size=batch_size, precision=precision)
+
+    def rows(self, reference, labels: dict) -> pa.Table:
+        return self.embedder.rows(reference, **labels)
+
+
+def ray_embedder(address: str, *, db: str | Path, device: str | None = None, precision: str = "auto", batch_size: int = 64, log: api.Log = api._quiet):
+    """An ``embed_many`` for :func:`histoindex.api.ingest_many` that embeds the references in
+    parallel on Ray actors (one per GPU, else one per 4 CPUs), in the order given. The driver
+    commits all of them at once, so a retried reference is never written twice."""
+
+    def embed_many(record, plans) -> list[pa.Table]:
+        ray = connect(address)
+        n_actors, resources = actor_resources(ray)
+        n_actors = min(n_actors, len(plans))
+        remote = ray.remote(max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES, **resources)(ReferenceEmbedderActor)
+        actors = [remote.remote(str(db), record.model_id, device, precision, batch_size) for _ in range(n_actors)]
+        log(f"embedding {len(plans)} references on {n_actors} Ray actor{'s' if n_actors > 1 else ''}")
+        try:
+            refs = [actors[i % n_actors].rows.remote(reference, labels) for i, (reference, labels) in enumerate(plans)]
+            tables = []
+            for (reference, _), ref in zip(plans, refs):
+                try:
+                    tables.append(ray.get(ref))
+                except ray.exceptions.RayTaskError as exc:  # nothing is written: the commit needs every reference
+                    cause = exc.cause if isinstance(exc.cause, (InputError, StoreError, OSError)) else exc
+                    raise InputError(f"{reference.name}: {cause}") from None
+                log(f"embedded {reference.n_obs} spots of {reference.name}")
+            return tables
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+
+    return embed_many
