@@ -150,7 +150,9 @@ def _visium_as_spatialdata(path, *, image_scale: float = 1.0, micron_mpp: float 
     shapes = ShapesModel.parse(
         np.asarray(adata.obsm["spatial"], np.float64), geometry=0, radius=np.full(n, radius), index=np.arange(n), transformations={"global": Identity()}
     )
-    table = anndata.AnnData(X=adata.X, obs=adata.obs.copy(), var=pd.DataFrame(index=adata.var_names))
+    # a second name per gene, as spatialdata-io's Visium reader keeps Space Ranger's Ensembl ids
+    var = pd.DataFrame({"gene_ids": [f"ENSMUSG{i:011d}" for i in range(adata.n_vars)]}, index=adata.var_names)
+    table = anndata.AnnData(X=adata.X, obs=adata.obs.copy(), var=var)
     table.obs["region"] = pd.Categorical(["spots"] * n)
     table.obs["spot_id"] = np.arange(n)
     table = TableModel.parse(table, region="spots", region_key="region", instance_key="spot_id")
@@ -195,6 +197,7 @@ def test_a_spatialdata_reference_reads_as_its_h5ad(visium_crop, tmp_path):
     np.testing.assert_allclose(_dense(ref.X), _dense(h5ad.X))
     assert ref.mpp == pytest.approx(h5ad.mpp) and ref.mpp_source == h5ad.mpp_source  # the spot pitch, as for the .h5ad
     assert ref.spot_diameter_px == pytest.approx(h5ad.spot_diameter_px)
+    assert list(ref.gene_aliases[:2]) == ["ENSMUSG00000000000", "ENSMUSG00000000001"]  # genes also match on their Ensembl ids
     with Image.open(VISIUM_IMG) as picture:
         assert ref.image.array.shape[:2] == (picture.height, picture.width)  # the image in the store, read whole
 

@@ -261,7 +261,7 @@ def read_spatialdata(
     import spatialdata as sd
     from spatialdata.transformations import get_transformation
 
-    from .h5ad import array_coordinates, expression_matrix
+    from .h5ad import array_coordinates, expression_matrix, gene_aliases
     from .pixelsize import PixelSize, reference_pixel_size
 
     path = Path(path)
@@ -339,6 +339,7 @@ def read_spatialdata(
         X=X if sp.issparse(X) else np.asarray(X),
         obs_names=np.asarray(table.obs_names, dtype=str),
         var_names=var_names,
+        gene_aliases=gene_aliases(table.raw.var if values_source == ".raw" else table.var, var_names),
         xy=np.asarray(xy, np.float64),
         mpp=size.mpp,
         mpp_source=size.source,
