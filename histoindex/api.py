@@ -158,28 +158,11 @@ def ingest(
 ) -> IngestResult:
     """Embed every spot of ``reference`` and write them to ``spots`` in one commit (one new table
     version), replacing the dataset's earlier rows. Trains a model first if the store has none."""
-
-    for label, value in (("tissue", tissue), ("platform", platform), ("species", species)):
-        if not value or not value.strip():
-            raise InputError(f"--{label} must not be empty")
-    store = Store(db) if Store.exists(db) else None
-    trained = False
-    model_id = store.ingest_model(model_id, log=log) if store is not None else _no_store_model(model_id)
-    if model_id is None:
-        _announce_training(db, [reference], store, log)
-        result = train([reference], db=db, options=train_options, device=device, precision=precision, progress=progress, log=log, embed_after=reference.n_obs)
-        model_id, trained = result.model_id, True
-    from .distributed import launch_rank
-
-    if launch_rank() != 0:  # under torchrun only training is shared; rank 0 embeds and writes the spots
-        return IngestResult(dataset=reference.name, n_spots=reference.n_obs, spots_version=-1, model_id=model_id or "", trained=trained)
-    store = Store(db)
-    record = store.model(model_id)
-    embedder = ReferenceEmbedder(record, device=device, batch_size=batch_size, precision=precision)
-    rows = embedder.rows(reference, tissue=tissue, platform=platform, species=species, progress=progress, log=log)
-    version = store.write_dataset(rows, model_id=record.model_id, dataset=reference.name)
-    log(f"wrote {reference.n_obs} spots of {reference.name} under model {record.model_id} (spots@{version})")
-    return IngestResult(dataset=reference.name, n_spots=reference.n_obs, spots_version=version, model_id=record.model_id, trained=trained)
+    (result,) = ingest_many(
+        [(reference, {"tissue": tissue, "platform": platform, "species": species})], db=db, model_id=model_id, train_options=train_options,
+        device=device, batch_size=batch_size, precision=precision, progress=progress, log=log,
+    )  # fmt: skip
+    return result
 
 
 class ReferenceEmbedder:
@@ -193,13 +176,6 @@ class ReferenceEmbedder:
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.model = load_model(self.cfg, record.weights(), device=self.device)
-
-    def check(self, reference: SpotSet) -> None:
-        """Fail before any work when the reference does not fit the model (genes, image)."""
-        from .data import check_genes_present
-
-        check_genes_present(list(self.cfg.genes), reference.gene_index(), where=reference.source or reference.name, aliases=reference.gene_aliases)
-        check_reference_image(reference, patch_um=self.cfg.patch_um)
 
     def rows(self, reference: SpotSet, *, tissue: str, platform: str, species: str, progress: Progress | None = None, log: Log = _quiet) -> pa.Table:
         from .embed import iter_image_features
@@ -294,7 +270,8 @@ def ingest_many(
     else:
         tables = embed_many(record, plans)
     version = store.write_datasets(pa.concat_tables(tables), model_id=record.model_id, datasets=names)
-    log(f"wrote {sum(r.n_obs for r in references)} spots of {len(references)} datasets under model {record.model_id} in one commit (spots@{version})")
+    what = f"{references[0].name}" if len(references) == 1 else f"{len(references)} datasets in one commit"
+    log(f"wrote {sum(r.n_obs for r in references)} spots of {what} under model {record.model_id} (spots@{version})")
     return [IngestResult(r.name, r.n_obs, version, record.model_id, trained=trained and i == 0) for i, r in enumerate(references)]
 
 
@@ -440,8 +417,7 @@ def open_query(
         raise InputError(f"--stride-um must be a positive number of micrometres, got {stride_um}")
     store = Store(db)
     version = int(as_of) if as_of is not None and str(as_of).isdigit() else as_of
-    spots_tbl = store.table("spots", version=version)
-    version = spots_tbl.version
+    version = store.table("spots", version=version).version  # a number or a tag
     record = store.query_model(version=version, model_id=model_id)
     cfg = record.cfg
     torch_device = resolve_device(device)
@@ -576,9 +552,9 @@ def query(
     if Path(slide_path).is_file() and Path(slide_path).stat().st_size > LARGE_SLIDE_BYTES:  # a big JPEG/PNG decodes for seconds
         log(f"opening {Path(slide_path).name} ({Path(slide_path).stat().st_size / 1e6:,.0f} MB)")
     slide = open_slide(slide_path, mpp=mpp)
-    if slide.mpp is None and hest_slide_mpp(slide_path) is not None:  # a HEST slide: its metadata has the pixel size
+    if slide.mpp is None and (hest_mpp := hest_slide_mpp(slide_path)) is not None:  # a HEST slide: its metadata has the pixel size
         slide.close()
-        mpp = hest_slide_mpp(slide_path)
+        mpp = hest_mpp
         log(f"{Path(slide_path).name}: {mpp:.4g} µm/px from HEST's metadata (pixel_size_um_estimated)")
         slide = open_slide(slide_path, mpp=mpp)
     try:

@@ -472,25 +472,10 @@ def ingest(
             for path in references
         ]
         with ProgressBars() as bars:
-            if len(refs) == 1 and embed_many is None:
-                results = [
-                    api.ingest(
-                        refs[0],
-                        db=db,
-                        **labels,
-                        model_id=model_id,
-                        train_options=_train_options(kwargs),
-                        device=device,
-                        precision=precision,
-                        progress=bars,
-                        log=_log,
-                    )  # fmt: skip
-                ]
-            else:
-                results = api.ingest_many(
-                    [(ref, labels) for ref in refs], db=db, model_id=model_id, train_options=_train_options(kwargs), device=device, precision=precision,
-                    embed_many=embed_many, progress=bars, log=_log,
-                )  # fmt: skip
+            results = api.ingest_many(
+                [(ref, labels) for ref in refs], db=db, model_id=model_id, train_options=_train_options(kwargs), device=device, precision=precision,
+                embed_many=embed_many, progress=bars, log=_log,
+            )  # fmt: skip
     for result in results:
         if result.spots_version < 0:  # a torchrun process other than rank 0, which writes
             return

@@ -107,7 +107,8 @@ def query_cohort(
     outs = api.cohort_outputs(entries, out_dir, out_format)
     store = Store(db)
     # every actor searches the same spots version, whatever is ingested while the cohort runs
-    spots = store.table("spots", version=_version(options.pop("as_of", None)))
+    as_of = options.pop("as_of", None)
+    spots = store.table("spots", version=int(as_of) if as_of is not None and str(as_of).isdigit() else as_of)  # as open_query reads it
     record = store.query_model(version=spots.version, model_id=options.pop("model_id", None))
     model_id, spots_version = record.model_id, spots.version
     todo, skipped = api.plan_cohort(store, entries, outs, model_id=model_id, spots_version=spots_version, redo=redo, log=log)
@@ -161,10 +162,6 @@ def query_cohort(
         for actor in pool + [a for a, _ in running.values()]:
             ray.kill(actor)
     return result
-
-
-def _version(as_of):
-    return int(as_of) if as_of is not None and str(as_of).isdigit() else as_of
 
 
 class ReferenceEmbedderActor:
