@@ -342,6 +342,18 @@ def spot_features(sec: Section, feature_set: str, context: str) -> np.ndarray:
     return (f + nb) / 2
 
 
+def centred(f: np.ndarray, how: str) -> np.ndarray:
+    """Per-section feature standardisation (a section-level appearance offset removed): "mean"
+    subtracts the section's mean feature vector (over spots and views), "z" also divides by the
+    section's per-feature sd."""
+    if how == "none":
+        return f
+    mu = f.mean(axis=(0, 1), keepdims=True)
+    if how == "mean":
+        return f - mu
+    return (f - mu) / np.maximum(f.std(axis=(0, 1), keepdims=True), 1e-6)
+
+
 _SMOOTHERS: dict[tuple[str, int], object] = {}
 
 
@@ -456,7 +468,7 @@ class Retrieval:
     at query time), smooth (0/1: average the predictions over the query spot's 6 neighbours).
     """
 
-    FIXED = dict(feature_set="clean", context="none", enc="log", hed=False, depth_smooth=0.0, method="bleep", stgchb={})
+    FIXED = dict(feature_set="clean", context="none", enc="log", hed=False, depth_smooth=0.0, method="bleep", stgchb={}, heads=1, centre="none")
     SELECT = dict(source=["trained"], epochs=[60], k=[50], tau=[0.0], alpha=[0.0], beta=[0.0], impute=["log"], keys=["all"], views=[8], smooth=[0])
 
     def __init__(self, **options):
@@ -483,7 +495,7 @@ class Retrieval:
     def fit(self, train: list[Section], seed: int, genes) -> dict:
         fx = self.fixed
         expr = training_expression(train, fx["depth_smooth"])
-        feats = [spot_features(s, fx["feature_set"], fx["context"]) for s in train]
+        feats = [centred(spot_features(s, fx["feature_set"], fx["context"]), fx["centre"]) for s in train]
         state = {"expr": expr, "feats": feats, "models": {}, "train": train}
         if "trained" not in self.grid["source"]:
             return state
@@ -500,15 +512,25 @@ class Retrieval:
             # trained heads are cached on disk: many variants share the same training (they
             # differ only in what happens at retrieval), and so do runs of this script
             key = json.dumps([fx["feature_set"], fx["context"], fx["enc"], fx["hed"], fx["depth_smooth"], [s.name for s in train], seed, epochs])
-            path = HEADS_DIR / (hashlib.sha256(key.encode()).hexdigest()[:20] + ".pt") if HEADS_DIR else None
-            if path is not None and path.exists():
-                state["models"] = torch.load(path, weights_only=False)
-            else:
-                state["models"] = train_heads(np.concatenate(feats), enc_in, epochs, seed, aug=aug)
-                if path is not None:  # atomically: another run may read it meanwhile
-                    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                    torch.save(state["models"], tmp)
-                    os.replace(tmp, path)
+            # heads > 1: a similarity ensemble of heads trained with seeds seed, seed + 1000, ...
+            state["ensemble"] = []
+            for j in range(fx["heads"]):
+                head_seed = seed + 1000 * j
+                key = json.dumps(
+                    [fx["feature_set"], fx["context"], fx["enc"], fx["hed"], fx["depth_smooth"], [s.name for s in train], head_seed, epochs]
+                    + ([fx["centre"]] if fx["centre"] != "none" else [])
+                )
+                path = HEADS_DIR / (hashlib.sha256(key.encode()).hexdigest()[:20] + ".pt") if HEADS_DIR else None
+                if path is not None and path.exists():
+                    models = torch.load(path, weights_only=False)
+                else:
+                    models = train_heads(np.concatenate(feats), enc_in, epochs, head_seed, aug=aug)
+                    if path is not None:  # atomically: another run may read it meanwhile
+                        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                        torch.save(models, tmp)
+                        os.replace(tmp, path)
+                state["ensemble"].append(models)
+            state["models"] = state["ensemble"][0]
         return state
 
     # -- predict: one configuration ----------------------------------------------------------
@@ -519,7 +541,7 @@ class Retrieval:
         cache = state.setdefault("sim_cache", {})
         if key in cache:
             return cache[key]
-        test_feats = spot_features(test, fx["feature_set"], fx["context"])[:, : cfg["views"]].mean(axis=1)
+        test_feats = centred(spot_features(test, fx["feature_set"], fx["context"]), fx["centre"])[:, : cfg["views"]].mean(axis=1)
         train_feats = np.concatenate([f[:, : cfg["views"]].mean(axis=1) for f in state["feats"]])
         if cfg["source"] == "frozen":
             sim = unit(test_feats) @ unit(train_feats).T
@@ -527,12 +549,16 @@ class Retrieval:
             q, ref_img, ref_exp = embed_stgchb(state, test, test_feats, cfg)
             sim = (1 - cfg["alpha"]) * (q @ ref_exp.T) + cfg["alpha"] * (q @ ref_img.T)
         else:
-            img, exp = state["models"][cfg["epochs"]]
             enc_in = state["expr"].z if fx["enc"] == "z" else state["expr"].log
-            q = _embed(img, test_feats)
-            sim = q @ _embed(exp, enc_in).T
-            if cfg["alpha"]:
-                sim = (1 - cfg["alpha"]) * sim + cfg["alpha"] * (q @ _embed(img, train_feats).T)
+            sims = []
+            for models in state["ensemble"]:  # the mean of the heads' cosine similarities
+                img, exp = models[cfg["epochs"]]
+                q = _embed(img, test_feats)
+                s1 = q @ _embed(exp, enc_in).T
+                if cfg["alpha"]:
+                    s1 = (1 - cfg["alpha"]) * s1 + cfg["alpha"] * (q @ _embed(img, train_feats).T)
+                sims.append(s1)
+            sim = np.mean(sims, axis=0)
         if cfg["source"] == "trained" and cfg["beta"]:
             frozen = self.similarities(state, test, {**cfg, "source": "frozen", "beta": 0.0})
             sim = (1 - cfg["beta"]) * _standardise_rows(sim) + cfg["beta"] * _standardise_rows(frozen)
@@ -553,8 +579,8 @@ class Retrieval:
         if cfg["tau"]:
             weights = np.exp((top - top[:, :1]) / cfg["tau"])
         pred = impute(expr, idx, weights, cfg["impute"])
-        if cfg["smooth"]:
-            pred = smooth_predictions(test, pred)
+        if cfg["smooth"]:  # blend: (1 - s) own + s neighbourhood mean
+            pred = (1 - cfg["smooth"]) * pred + cfg["smooth"] * smooth_predictions(test, pred, cfg.get("smooth_k", 6))
         return pred
 
 
@@ -666,6 +692,15 @@ def baselines(fold: Fold, sections: dict[str, Section], genes, k: int = 50) -> d
         "mean": np.broadcast_to(expr.mean(axis=0), test.expr.shape).copy(),
         "colour-retrieval": retrieval_mean(test.colour, np.concatenate([s.colour for s in train]), expr, k, metric="euclidean"),
         "frozen-retrieval": retrieval_mean(f_test, f_train, expr, k),
+        **(
+            {
+                "frozen-retrieval-macenko": retrieval_mean(
+                    test.extra["macenko"].mean(axis=1), np.concatenate([s.extra["macenko"].mean(axis=1) for s in train]), expr, k
+                )
+            }
+            if "macenko" in test.extra
+            else {}
+        ),
         "frozen-ridge": ridge_on_features(f_train, expr, f_test),
     }
 
@@ -718,6 +753,10 @@ TAUS = [0.0, 0.1, 0.03, 0.01]
 BASE = dict(epochs=EPOCHS, impute=["log", "z"])
 #: the recipe searched inside the training sections (Macenko fixed: see the report)
 FINAL = dict(source=["trained", "frozen"], feature_set="macenko", epochs=EPOCHS, impute=["log", "z"], k=KS, tau=TAUS, beta=[0.0, 0.5], smooth=[0, 1])
+
+
+#: the choices "final" made in nearly every fold, fixed
+FIXED_RECIPE = dict(feature_set="macenko", epochs=[60], k=[100], tau=[0.03], impute=["z"])
 
 
 def methods_for(options: dict) -> list[Retrieval]:
@@ -777,6 +816,25 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         FINAL,
     ),
     "final-ens3": ("final, the outer model an ensemble of 3 seeds (predictions averaged)", dict(FINAL, ensemble=3, same_selection_as="final")),
+    # fixed recipe: the choices inner validation made in (nearly) every fold of "final"
+    "fixed": ("Macenko, 60 epochs, k 100, softmax tau 0.03, z imputation (fixed)", dict(FIXED_RECIPE)),
+    "fixed-ens3": ("fixed, similarity ensemble of 3 heads (mean cosine similarity)", dict(FIXED_RECIPE, heads=3)),
+    "fixed-ens5": ("fixed, similarity ensemble of 5 heads", dict(FIXED_RECIPE, heads=5)),
+    "fixed-smooth": ("fixed, predictions blended with the 6 nearest spots' (s = 0.5 / 1)", dict(FIXED_RECIPE, smooth=[0.5])),
+    "fixed-smooth1": ("fixed, predictions averaged with the 6 nearest spots' (s = 1)", dict(FIXED_RECIPE, smooth=[1.0])),
+    "fixed-ens3-smooth": ("fixed-ens3 + smoothing s = 0.5", dict(FIXED_RECIPE, heads=3, smooth=[0.5])),
+    "fixed-selsmooth": ("fixed, smoothing s in 0 / 0.25 / 0.5 / 0.75 / 1 selected inside training", dict(FIXED_RECIPE, smooth=[0.0, 0.25, 0.5, 0.75, 1.0])),
+    "fixed-ens3-selsmooth": ("fixed-ens3, smoothing selected inside training", dict(FIXED_RECIPE, heads=3, smooth=[0.0, 0.25, 0.5, 0.75, 1.0])),
+    "fixed-centre": ("fixed, per-section feature centring", dict(FIXED_RECIPE, centre="mean", smooth=[0.5])),
+    "fixed-z": ("fixed, per-section feature z-scores", dict(FIXED_RECIPE, centre="z", smooth=[0.5])),
+    "frozen-centre": ("frozen retrieval on centred Macenko features (k 50, mean)", dict(source=["frozen"], feature_set="macenko", centre="mean")),
+    "frozen-z": ("frozen retrieval on z-scored Macenko features (k 50, mean)", dict(source=["frozen"], feature_set="macenko", centre="z")),
+    "fixed-beta": ("fixed + smoothing, frozen similarity mixed in (beta 0.5)", dict(FIXED_RECIPE, smooth=[0.5], beta=[0.5])),
+    "fixed-log-smooth": ("fixed with log imputation, smoothing 0.5", dict(FIXED_RECIPE, impute=["log"], smooth=[0.5])),
+    "fixed-views1-smooth": ("fixed + smoothing 0.5, 1 view at query time", dict(FIXED_RECIPE, smooth=[0.5], views=[1])),
+    "fixed-k50": ("fixed with k 50", dict(FIXED_RECIPE, k=[50])),
+    "fixed-log": ("fixed with log imputation", dict(FIXED_RECIPE, impute=["log"])),
+    "fixed-mean": ("fixed with plain mean (tau 0)", dict(FIXED_RECIPE, tau=[0.0])),
     # query-time views
     "views-1": ("base, 1 view at query time", dict(BASE, views=[1])),
 }
@@ -933,6 +991,8 @@ def main(argv=None) -> int:
         report += ["## Targets (issue 13)", "", target_table(rows, fold_list), ""]
         if "frozen+" in rows:
             report += [target_table(rows, fold_list, "frozen+"), ""]
+        if "frozen-retrieval-macenko" in rows:
+            report += [target_table(rows, fold_list, "frozen-retrieval-macenko"), ""]
     report += ["## Variants", ""] + [f"- **{n}**: {VARIANTS[n][0]}" for n in variants] + [""]
     report += ["## Choices made by inner validation", ""]
     for name in variants:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from .config import ModelConfig
+from .config import ModelConfig, RetrievalSettings
 from .data import SPOT_DIAMETER_UM, PatchGrid, SpotSet, check_patch_pixels
 from .errors import InputError, StoreError
 from .io.hest import hest_slide_mpp
@@ -379,6 +379,7 @@ class QuerySession:
     k: int
     device: object
     precision: str
+    retrieval: RetrievalSettings = field(default_factory=RetrievalSettings)  # the model's, with the query's --k / --smooth
     stride_um: float | None = None  # the output grid's pitch (tiles): --stride-um, or the default rule
     stride_rule: str = ""  # why that pitch (the default rule's reason)
 
@@ -390,7 +391,7 @@ def open_query(
     platform: str | None = None,
     species: str | None = None,
     where: str | None = None,
-    k: int = 50,
+    k: int | None = None,
     as_of: int | str | None = None,
     model_id: str | None = None,
     device: str | None = None,
@@ -399,16 +400,20 @@ def open_query(
     precision: str = "auto",
     views: int | None = None,
     stride_um: float | None = None,
+    smooth: float | None = None,
     log: Log = _quiet,
 ) -> QuerySession:
     """Check a query's options and load what its slides share (see :func:`query`). The tile grid's
     pitch is ``stride_um`` or, by default, :func:`histoindex.patch.default_stride_um` of the
-    platforms of the references the filters leave."""
+    platforms of the references the filters leave. ``k`` and ``smooth`` override the model's
+    retrieval settings (:class:`~histoindex.config.RetrievalSettings`)."""
     from .embed import resolve_device, resolve_precision
     from .models import load_model
 
-    if k < 1:
+    if k is not None and k < 1:
         raise InputError(f"--k must be at least 1, got {k}")
+    if smooth is not None and not 0 <= smooth <= 1:
+        raise InputError(f"--smooth must be between 0 (off) and 1 (the neighbourhood mean), got {smooth}")
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     if views is not None and not 1 <= views <= 8:
@@ -425,9 +430,12 @@ def open_query(
     scope = Scope(model_id=record.model_id, tissue=tissue, platform=platform, species=species, where=where)
     check_filter_values(store, version=version, model_id=record.model_id, tissue=tissue, platform=platform, species=species)
     references = References(store, scope, version=version, mode=search_mode, device=str(torch_device))  # a bad filter fails here
-    k_eff = min(k, references.n)
-    if k_eff < k:
-        log(f"warning: --k {k} is more than the {references.n} reference spots that match; averaging all {references.n}")
+    retrieval = cfg.retrieval_settings.replace(k=k, smooth=smooth)
+    k_eff = min(retrieval.k, references.n)
+    if k_eff < retrieval.k:
+        said = f"--k {k}" if k is not None else f"the model's k {retrieval.k}"
+        log(f"warning: {said} is more than the {references.n} reference spots that match; averaging all {references.n}")
+    retrieval = retrieval.replace(k=k_eff)
     if views is not None:  # fewer views: faster (each view is a backbone pass), a little less accurate
         cfg = cfg.replace(views=views)
     if stride_um is not None:
@@ -440,7 +448,7 @@ def open_query(
     model.cfg = cfg  # the views to average (the weights are the same)
     return QuerySession(
         store=store, record=record, cfg=cfg, model=model, references=references, k=k_eff, device=torch_device, precision=precision,
-        stride_um=stride, stride_rule=rule,
+        stride_um=stride, stride_rule=rule, retrieval=retrieval,
     )  # fmt: skip
 
 
@@ -481,7 +489,7 @@ def query(
     platform: str | None = None,
     species: str | None = None,
     where: str | None = None,
-    k: int = 50,
+    k: int | None = None,
     out: str | Path | None = None,
     mpp: float | None = None,
     as_of: int | str | None = None,
@@ -495,6 +503,7 @@ def query(
     workers: int | None = None,
     views: int | None = None,
     stride_um: float | None = None,
+    smooth: float | None = None,
     keep_predictions: bool = True,
     commit: bool = True,
     slide_name: str | None = None,
@@ -529,7 +538,8 @@ def query(
     if session is None:
         session = open_query(
             db=db, tissue=tissue, platform=platform, species=species, where=where, k=k, as_of=as_of, model_id=model_id,
-            device=device, batch_size=batch_size, search_mode=search_mode, precision=precision, views=views, stride_um=stride_um, log=log,
+            device=device, batch_size=batch_size, search_mode=search_mode, precision=precision, views=views, stride_um=stride_um,
+            smooth=smooth, log=log,
         )  # fmt: skip
     elif batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
@@ -590,6 +600,7 @@ def query(
         "spots_version": references.spots_version,
         "filter": predicate,
         "k": k_eff,
+        "retrieval": session.retrieval.to_dict(),
         "search": path,
         "precision": precision,
         "mpp": grid.mpp,
@@ -612,7 +623,7 @@ def query(
         grid,
         model,
         references,
-        k=k,
+        retrieval=session.retrieval,
         device=torch_device,
         precision=precision,
         batch_size=batch_size,
@@ -924,7 +935,7 @@ def evaluate(
     holdouts: Sequence[str] | None = None,
     options: TrainOptions | None = None,
     markers: Sequence[str] | None = None,
-    k: int = 50,
+    k: int | None = None,
     baselines: bool = True,
     out: str | Path | None = None,
     device: str | None = None,

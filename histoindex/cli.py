@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import __version__
+from .config import RetrievalSettings
 from .errors import HistoindexError, HistoindexWarning
 from .recipe import TrainOptions
 
@@ -238,6 +239,16 @@ def training_options(fn):
                 show_default=True,
                 help="Stain normalisation of every section and slide (Macenko, fitted per slide on a sample of its own patches).",
             ),
+            click.option(
+                "--retrieval",
+                "retrieval",
+                multiple=True,
+                metavar="KEY=VALUE[,...]",
+                help="How the model answers queries (recorded in it), over the default "
+                + ",".join(f"{k}={v}" for k, v in defaults.retrieval.to_dict().items())
+                + ": k neighbours; tau, softmax temperature of their similarity weights (0: plain mean); impute log or z (per-dataset z-scores);"
+                " smooth 0..1, blend with the query's spatial neighbours (smooth_k nearest). BLEEP's own: k=50,tau=0,impute=log,smooth=0.",
+            ),
         ]
     ):
         fn = option(fn)
@@ -264,7 +275,23 @@ def _train_options(kwargs: dict) -> TrainOptions:
     )
     if kwargs.get("weights") is not None and kwargs["weights"].lower() == "none":
         kwargs = {**kwargs, "weights": ""}  # explicit random initialisation
-    return TrainOptions(**{k: kwargs[k] for k in keys}, method_params=_method_params(kwargs.get("method_params", ())))
+    return TrainOptions(
+        **{k: kwargs[k] for k in keys},
+        method_params=_method_params(kwargs.get("method_params", ())),
+        retrieval=_retrieval(kwargs.get("retrieval", ())),
+    )
+
+
+def _retrieval(values) -> RetrievalSettings:
+    """``--retrieval k=50,tau=0 --retrieval impute=log`` over the default recipe's settings."""
+    pairs = [p for value in values for p in value.split(",") if p.strip()]
+    items = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{pair!r}: expected KEY=VALUE", param_hint="--retrieval")
+        items[key.strip()] = value.strip()
+    return RetrievalSettings.parse({**TrainOptions().retrieval.to_dict(), **items})
 
 
 def _method_params(pairs) -> dict:
@@ -326,7 +353,7 @@ def train(references, db, platform, image, mpp, spot_table, log_normalised, devi
     show_default=True,
     help="Comma-separated marker genes scored as MG-n.",
 )
-@click.option("--k", type=int, default=50, show_default=True, help="Neighbours averaged per spot.")
+@click.option("--k", type=int, help="Neighbours averaged per spot (default: the model's retrieval settings, --retrieval).")
 @click.option(
     "--baselines/--no-baselines", default=True, show_default=True, help="Also score mean expression, colour retrieval, frozen-feature retrieval and ridge."
 )
@@ -511,7 +538,12 @@ def _expand_globs(paths) -> list[str]:
 @click.option("--platform", help="Only reference spots of this platform.")
 @click.option("--species", help="Only reference spots of this species.")
 @click.option("--where", help="Extra SQL filter on the spots table, e.g. \"dataset IN ('a', 'b')\".")
-@click.option("--k", type=int, default=50, show_default=True, help="Neighbours averaged per tile.")
+@click.option("--k", type=int, help="Neighbours averaged per tile (default: the model's; 100 for the default recipe).")
+@click.option(
+    "--smooth",
+    type=click.FloatRange(0, 1),
+    help="Blend each tile's prediction with its spatial neighbours' mean: 0 off, 1 the neighbourhood mean (default: the model's; 0.5 for the default recipe).",
+)
 @click.option(
     "--out",
     type=click.Path(),
@@ -576,6 +608,7 @@ def query(
     species,
     where,
     k,
+    smooth,
     out,
     out_format,
     redo,
@@ -626,7 +659,7 @@ def query(
         if workers is not None and workers < 0:
             raise click.BadParameter("must be 0 or more", param_hint="--workers")
         options = dict(tissue=tissue, platform=platform, species=species, where=where, k=k, as_of=as_of, model_id=model_id, device=device,
-                       search_mode=search_mode, precision=precision, views=views, stride_um=stride_um)  # fmt: skip
+                       search_mode=search_mode, precision=precision, views=views, stride_um=stride_um, smooth=smooth)  # fmt: skip
         with ProgressBars() as bars:
             if ray_address is not None:
                 from . import cluster
@@ -679,6 +712,7 @@ def query(
             workers=workers,
             views=views,
             stride_um=stride_um,
+            smooth=smooth,
             keep_predictions=False,
             progress=bars,
             log=_log,

@@ -7,6 +7,61 @@ import json
 from dataclasses import dataclass, field
 
 from .data import NORMALISATION
+from .errors import InputError
+
+#: how a query is answered: BLEEP's (the top-50 reference profiles' plain mean) unless a model's
+#: config says otherwise (models trained before these settings existed keep it)
+IMPUTE_SPACES = ("log", "z")
+
+
+@dataclass(frozen=True)
+class RetrievalSettings:
+    """How retrieved reference profiles become a prediction.
+
+    ``k`` neighbours (cosine, top-k); weighted by ``softmax(similarity / tau)`` (``tau`` = 0: a
+    plain mean, as BLEEP); averaged as ``impute`` = "log" (log1p CP10k profiles) or "z" (each
+    reference dataset's per-gene z-scores, mapped back with the pooled mean and sd of the
+    references searched: a dataset's depth or batch offset then does not move the average); then
+    each position's prediction blended with the mean over its ``smooth_k``-nearest-neighbour
+    graph neighbourhood on the query slide: ``(1 - smooth) * own + smooth * neighbourhood``.
+    """
+
+    k: int = 50
+    tau: float = 0.0
+    impute: str = "log"
+    smooth: float = 0.0
+    smooth_k: int = 6
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k, int) or self.k < 1:
+            raise InputError(f"retrieval k must be a positive integer, got {self.k!r}")
+        if not self.tau >= 0:
+            raise InputError(f"retrieval tau must be 0 (plain mean) or positive, got {self.tau!r}")
+        if self.impute not in IMPUTE_SPACES:
+            raise InputError(f"retrieval impute must be one of {', '.join(IMPUTE_SPACES)}, got {self.impute!r}")
+        if not 0 <= self.smooth <= 1:
+            raise InputError(f"smooth must be between 0 (off) and 1 (the neighbourhood mean), got {self.smooth!r}")
+        if not isinstance(self.smooth_k, int) or self.smooth_k < 1:
+            raise InputError(f"smooth_k must be a positive integer, got {self.smooth_k!r}")
+
+    @classmethod
+    def parse(cls, items: dict) -> RetrievalSettings:
+        """From ``{"k": "100", "tau": "0.03", ...}`` (strings, as a command line gives them, or values)."""
+        known = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = set(items) - set(known)
+        if unknown:
+            raise InputError(f"unknown retrieval setting(s) {', '.join(sorted(unknown))}; known: {', '.join(known)}")
+        kinds = {"k": int, "smooth_k": int, "tau": float, "smooth": float, "impute": str}
+        try:
+            return cls(**{key: kinds[key](value) for key, value in items.items()})
+        except ValueError as exc:
+            raise InputError(f"retrieval settings {items}: {exc}") from exc
+
+    def replace(self, **changes) -> RetrievalSettings:
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -44,14 +99,22 @@ class ModelConfig:
     # Not hashed (a dict cannot be); omitted from to_json when empty, so configs of methods
     # without any serialise, and their model ids hash, as they did before the field existed.
     method_params: dict = field(default_factory=dict, hash=False)
+    # RetrievalSettings as a dict; empty (models from before it existed): BLEEP's plain top-50 mean.
+    # Omitted from to_json when empty, like method_params.
+    retrieval: dict = field(default_factory=dict, hash=False)
+
+    @property
+    def retrieval_settings(self) -> RetrievalSettings:
+        return RetrievalSettings(**self.retrieval)
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> str:
         values = dataclasses.asdict(self)
-        if not values["method_params"]:
-            del values["method_params"]
+        for optional in ("method_params", "retrieval"):
+            if not values[optional]:
+                del values[optional]
         return json.dumps(values, sort_keys=True)
 
     @classmethod
@@ -62,6 +125,7 @@ class ModelConfig:
         for key in ("mean", "std", "genes"):
             if key in values:
                 values[key] = tuple(values[key])
-        if values.get("method_params") is None:
-            values.pop("method_params", None)
+        for optional in ("method_params", "retrieval"):
+            if values.get(optional) is None:
+                values.pop(optional, None)
         return cls(**values)

@@ -225,3 +225,44 @@ class Hits:
     @property
     def k(self) -> int:
         return self.indices.shape[1]
+
+
+@dataclass(frozen=True)
+class DatasetStats:
+    """Per-dataset gene means and sds (population) of the references searched, and the pooled ones
+    over all their rows: what "z" imputation maps profiles into and back out of."""
+
+    mean: np.ndarray  # (datasets, genes)
+    sd: np.ndarray  # (datasets, genes)
+    pooled_mean: np.ndarray  # (genes,)
+    pooled_sd: np.ndarray  # (genes,)
+
+    @classmethod
+    def from_sums(cls, count: np.ndarray, total: np.ndarray, squares: np.ndarray) -> DatasetStats:
+        """From per-dataset row counts (d,), sums (d, genes) and sums of squares (d, genes)."""
+        count = np.asarray(count, np.float64)[:, None]
+        mean = total / count
+        var = np.maximum(squares / count - mean**2, 0.0)
+        pooled_mean = total.sum(axis=0) / count.sum()
+        pooled_var = np.maximum(squares.sum(axis=0) / count.sum() - pooled_mean**2, 0.0)
+        return cls(mean, np.sqrt(var), pooled_mean, np.sqrt(pooled_var))
+
+    @classmethod
+    def of(cls, values: np.ndarray, codes: np.ndarray) -> DatasetStats:
+        """Of in-memory profiles ``values`` whose rows belong to datasets ``codes`` (0..d-1)."""
+        d = int(codes.max()) + 1 if len(codes) else 0
+        values = np.asarray(values, np.float64)
+        count = np.bincount(codes, minlength=d)
+        total = np.zeros((d, values.shape[1]))
+        squares = np.zeros_like(total)
+        np.add.at(total, codes, values)
+        np.add.at(squares, codes, values**2)
+        return cls.from_sums(count, total, squares)
+
+    def to_z(self, values: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        sd = self.sd[codes]
+        return np.where(sd > 0, (values - self.mean[codes]) / np.where(sd > 0, sd, 1.0), 0.0).astype(np.float32)
+
+    def from_z(self, z: np.ndarray) -> np.ndarray:
+        """Back to the references' scale; clipped at 0, where log1p expression ends."""
+        return np.maximum(z * self.pooled_sd + self.pooled_mean, 0.0).astype(np.float32)

@@ -23,7 +23,9 @@ from .metrics import mse, pearson_per_gene
 
 #: default marker genes for breast tissue (HER2ST-style MG-8)
 BREAST_MARKERS = ("FASN", "SCD", "KRT8", "CD74", "MGP", "IGKC", "VIM", "MUC1")
-BASELINES = ("neighbour-mean", "mean", "colour-retrieval", "frozen-retrieval", "frozen-ridge")
+BASELINES = ("neighbour-mean", "mean", "colour-retrieval", "frozen-retrieval", "frozen-retrieval+", "frozen-ridge")
+#: the retrieval baselines' k (BLEEP's); "frozen-retrieval+" uses the model's retrieval settings instead
+BASELINE_K = 50
 
 
 def gene_sets(truth: np.ndarray, genes: Sequence[str], markers: Sequence[str], n: int = 50) -> dict[str, np.ndarray]:
@@ -119,7 +121,7 @@ def evaluate(
     holdouts: Sequence[str] | None = None,
     options=None,
     markers: Sequence[str] = BREAST_MARKERS,
-    k: int = 50,
+    k: int | None = None,
     baselines: bool = True,
     device: str | None = None,
     precision: str = "auto",
@@ -129,17 +131,20 @@ def evaluate(
     """Leave each of ``holdouts`` (default: every section) out in turn: train on the others with
     ``options`` (:class:`~histoindex.recipe.TrainOptions`, any method), predict the held-out spots
     by retrieval exactly as ``ingest`` + ``query --spots`` do, and score model and baselines on the
-    same genes. ``cache``: a folder where the frozen backbone's features of each section are kept
+    same genes. ``k`` overrides the model's retrieval k (its settings: the recipe's ``retrieval``).
+    Baselines: the training mean; colour, frozen-feature and ridge on frozen features (BLEEP's
+    plain top-50 mean); "frozen-retrieval+", frozen features answered with the model's retrieval
+    settings (what the retrieval settings alone give, without training); "neighbour-mean", the
+    model's predictions averaged over each held-out spot's graph neighbourhood. ``cache``: a folder where the frozen backbone's features of each section are kept
     between runs (keyed by the section's spots, the backbone, its weights, the patch geometry and
     the precision), so that comparing recipes does not recompute them."""
     from .baselines import graph_smoothed
     from .embed import backbone_features, batched, iter_image_features, resolve_device, resolve_precision
-    from .impute import average_rows
+    from .impute import ProfileMatrix
     from .methods import get_method
     from .models import create_model
     from .patch import spot_patches, spot_stain
     from .recipe import TrainOptions, model_config, train_model
-    from .search import exact_topk
     from .stain import normalised
     from .train import TrainSection, seed_everything
 
@@ -214,17 +219,23 @@ def evaluate(
         )
         queries = np.concatenate(list(method.query_encoder(model, test.xy * test.mpp, device=torch_device)([view_features[holdout]])))
         truth = test.normalized(genes)
-        idx, _ = exact_topk(queries, keys, k)
-        predictions = {"histoindex": average_rows(idx, train_expr)}
+        retrieval = cfg.retrieval_settings.replace(k=k)
+        retrieval = retrieval.replace(k=min(retrieval.k, len(train_expr)))
+        profiles = ProfileMatrix(train_expr, np.repeat([r.name for r in train], [r.n_obs for r in train]))
+        test_xy_um = test.xy * test.mpp
+        predictions = {"histoindex": answer_spots(queries, keys, profiles, retrieval, test_xy_um)}
 
         if baselines:
             train_patches = np.concatenate([patches[r.name] for r in train])
             predictions["neighbour-mean"] = graph_smoothed(predictions["histoindex"], test.xy * test.mpp)
             predictions["mean"] = np.broadcast_to(train_expr.mean(axis=0), truth.shape).copy()
-            predictions["colour-retrieval"] = retrieval_mean(mean_colour(patches[holdout]), mean_colour(train_patches), train_expr, k, metric="euclidean")
+            predictions["colour-retrieval"] = retrieval_mean(
+                mean_colour(patches[holdout]), mean_colour(train_patches), train_expr, BASELINE_K, metric="euclidean"
+            )
             f_train = np.concatenate([features[r.name][:, :views].mean(axis=1) for r in train])
             f_test = features[holdout][:, :views].mean(axis=1)
-            predictions["frozen-retrieval"] = retrieval_mean(f_test, f_train, train_expr, k)
+            predictions["frozen-retrieval"] = retrieval_mean(f_test, f_train, train_expr, BASELINE_K)
+            predictions["frozen-retrieval+"] = answer_spots(_unit(f_test), _unit(f_train), profiles, retrieval, test_xy_um)
             predictions["frozen-ridge"] = ridge_on_features(f_train, train_expr, f_test)
 
         sets = gene_sets(truth, genes, markers)
@@ -249,8 +260,27 @@ def evaluate(
     config = {
         "options": {k2: getattr(options, k2) for k2 in options.__dataclass_fields__},
         "k": k,
+        "retrieval": cfg.retrieval_settings.replace(k=k).to_dict() if folds else None,
+        "baseline_k": BASELINE_K,
         "markers": list(markers),
         "device": str(torch_device),
         "precision": precision,
     }
     return Evaluation(folds=folds, config=config)
+
+
+def answer_spots(queries: np.ndarray, keys: np.ndarray, profiles, settings, xy_um: np.ndarray) -> np.ndarray:
+    """What ``query --spots`` computes from unit-length query and key vectors held in memory:
+    exact top-k, similarity weights, imputation space, then spatial smoothing over the query
+    spots at ``xy_um`` (``settings``: :class:`~histoindex.config.RetrievalSettings`)."""
+    from .data import Hits
+    from .impute import impute, smoothed
+    from .search import exact_topk
+
+    idx, sims = exact_topk(queries, keys, settings.k)
+    imputed = impute(Hits(indices=idx, similarities=sims, spots_version=-1), profiles, settings)
+    return np.concatenate(list(smoothed([imputed], xy_um, settings.smooth, settings.smooth_k)))
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)

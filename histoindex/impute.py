@@ -1,21 +1,60 @@
-"""Expression imputation from search hits: the mean profile of each query's neighbours (BLEEP).
+"""Expression imputation from search hits: the (similarity-weighted) mean profile of each query's
+neighbours (BLEEP), optionally in per-dataset z-score space, then optionally blended with the
+query slide's spatial neighbourhood (:class:`~histoindex.config.RetrievalSettings`).
 
 Averaging goes through a sparse (queries × distinct neighbours) matrix, so memory is the output
 plus the distinct neighbours' profiles — never a queries × k × genes temporary (8 GB for 2,048
-tiles, k = 50 and 20,000 genes)."""
+tiles, k = 50 and 20,000 genes). Smoothing streams too: a position's output waits only for its
+graph neighbours (a few grid rows)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 import numpy as np
 import scipy.sparse as sp
 
-from .data import Hits
+from .config import RetrievalSettings
+from .data import DatasetStats, Hits
 
 
 class ExpressionSource(Protocol):
     def expression(self, row_ids: np.ndarray) -> np.ndarray: ...
+
+    def dataset_codes(self, row_ids: np.ndarray) -> np.ndarray: ...
+
+    def dataset_stats(self) -> DatasetStats: ...
+
+
+class ProfileMatrix:
+    """Reference profiles held in memory (``evaluate``, tests): rows indexed by position, each of
+    a dataset (code or name per row)."""
+
+    def __init__(self, values: np.ndarray, datasets: np.ndarray | None = None):
+        self.values = np.asarray(values, np.float32)
+        labels = np.zeros(len(self.values), np.int64) if datasets is None else np.asarray(datasets)
+        _, self.codes = np.unique(labels, return_inverse=True)
+        self._stats: DatasetStats | None = None
+
+    def expression(self, row_ids: np.ndarray) -> np.ndarray:
+        return self.values[row_ids]
+
+    def dataset_codes(self, row_ids: np.ndarray) -> np.ndarray:
+        return self.codes[row_ids]
+
+    def dataset_stats(self) -> DatasetStats:
+        if self._stats is None:
+            self._stats = DatasetStats.of(self.values, self.codes)
+        return self._stats
+
+
+def similarity_weights(similarities: np.ndarray, tau: float) -> np.ndarray | None:
+    """``softmax(similarity / tau)`` over each query's neighbours (None for ``tau`` = 0: equal)."""
+    if tau <= 0:
+        return None
+    s = np.asarray(similarities, np.float64)
+    return np.exp((s - s.max(axis=1, keepdims=True)) / tau)
 
 
 def average_rows(indices: np.ndarray, values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
@@ -33,12 +72,58 @@ def average_rows(indices: np.ndarray, values: np.ndarray, weights: np.ndarray | 
     return np.asarray(matrix @ values, dtype=np.float32)
 
 
-def impute(hits: Hits, references: ExpressionSource | np.ndarray) -> np.ndarray:
-    """Mean of each query's k neighbours' expression profiles: (n_query, n_genes) float32.
+def impute(hits: Hits, references: ExpressionSource | np.ndarray, settings: RetrievalSettings | None = None) -> np.ndarray:
+    """Each query's prediction from its neighbours' expression profiles, as ``settings`` say
+    (default: the plain mean, BLEEP): (n_query, n_genes) float32.
 
     ``references`` is the search's :class:`~histoindex.search.References` (profiles read for the
-    distinct hit rows only) or an in-memory matrix that ``hits.indices`` index directly."""
+    distinct hit rows only), a :class:`ProfileMatrix`, or an in-memory matrix that
+    ``hits.indices`` index directly (one dataset)."""
+    settings = settings or RetrievalSettings()
     if isinstance(references, np.ndarray):
-        return average_rows(hits.indices, references)
+        references = ProfileMatrix(references)
+    weights = similarity_weights(hits.similarities, settings.tau)
     distinct, inverse = np.unique(hits.indices, return_inverse=True)
-    return average_rows(inverse.reshape(hits.indices.shape), references.expression(distinct))
+    inverse = inverse.reshape(hits.indices.shape)
+    values = references.expression(distinct)
+    if settings.impute == "z":
+        stats = references.dataset_stats()
+        return stats.from_z(average_rows(inverse, stats.to_z(values, references.dataset_codes(distinct)), weights))
+    return average_rows(inverse, values, weights)
+
+
+def smoothing_weights(xy_um: np.ndarray, strength: float, k: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    """(edge_index, weight) of ``(1 - strength) * own + strength * mean over the neighbourhood``:
+    the symmetric kNN graph of the positions with self-loops (as ST-GCHB's and the
+    neighbour-mean baseline's), each node's incoming weights summing to one."""
+    from .graph import knn_graph
+
+    edges = knn_graph(np.asarray(xy_um, np.float64), k=k)
+    degree = np.bincount(edges[1], minlength=len(xy_um))
+    weight = strength / degree[edges[1]]
+    weight[edges[0] == edges[1]] += 1.0 - strength
+    return edges, weight.astype(np.float32)
+
+
+def smoothed(chunks: Iterable[np.ndarray], xy_um: np.ndarray, strength: float, k: int = 6) -> Iterator[np.ndarray]:
+    """Blend each position's prediction with its spatial neighbourhood's (see
+    :func:`smoothing_weights`); ``chunks`` are consecutive rows of positions ``xy_um`` (µm) in
+    order, the output is the same rows in order (chunked differently): exactly the whole-slide
+    result, holding only the rows some pending position still needs."""
+    if strength <= 0 or len(xy_um) < 2:
+        yield from chunks
+        return
+    import torch
+
+    from .graph import StreamingGraphEncoder
+
+    edges, weight = smoothing_weights(xy_um, strength, k)
+
+    def blend(features: torch.Tensor, edge_index: torch.Tensor, edge_weight: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(features, dtype=torch.float64)
+        out.index_add_(0, edge_index[1], features[edge_index[0]].double() * edge_weight[:, None].double())
+        return out.float()
+
+    encoder = StreamingGraphEncoder(edges, len(xy_um), 1, blend, edge_weight=weight)
+    for out in encoder.stream(torch.from_numpy(np.ascontiguousarray(c, np.float32)) for c in chunks):
+        yield out.numpy()

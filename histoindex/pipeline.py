@@ -3,7 +3,9 @@ search → impute, yielding predictions chunk by chunk.
 
 Background threads read patches ahead; the backbone embeds them in batches; the method turns the
 features into query embeddings (a graph method, block by block with a halo); every ``SEARCH_CHUNK``
-tiles are searched and imputed. Memory stays flat with slide size."""
+tiles are searched and imputed; then each tile's prediction is blended with its spatial
+neighbours' when the retrieval settings say so (a few grid rows held back). Memory stays flat with
+slide size."""
 
 from __future__ import annotations
 
@@ -12,9 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .config import RetrievalSettings
 from .data import PatchGrid
 from .embed import iter_image_features
-from .impute import impute
+from .impute import impute, smoothed
 from .io.slides import Slide
 from .methods import get_method
 from .patch import sample_stain, stream_patches
@@ -42,7 +45,7 @@ def predict(
     model,
     references: References,
     *,
-    k: int,
+    retrieval: RetrievalSettings,
     device,
     precision: str,
     batch_size: int = 64,
@@ -51,7 +54,8 @@ def predict(
     where: str = "",
 ) -> Iterator[PredictedChunk]:
     """Predict expression at every position of ``grid`` (level-0 pixels of the slide
-    ``open_slide()`` opens), chunk by chunk, in grid order."""
+    ``open_slide()`` opens), chunk by chunk, in grid order, as ``retrieval`` says (k, weights,
+    imputation space, spatial smoothing)."""
     cfg = model.cfg
     method = get_method(cfg.method)
     side_px = cfg.patch_um / grid.mpp
@@ -63,10 +67,9 @@ def predict(
     )
     features = counted(iter_image_features(model, patches, device=device, precision=precision), "tiles", len(grid), progress)
     embeddings = method.query_encoder(model, grid.xy * grid.mpp, device=device)(features)
+    imputed = (impute(search(references, queries, k=retrieval.k), references, retrieval) for queries in rechunk(embeddings, SEARCH_CHUNK))
     done = 0
-    for queries in rechunk(embeddings, SEARCH_CHUNK):
-        hits = search(references, queries, k=k)
-        values = impute(hits, references)
+    for values in smoothed(imputed, grid.xy * grid.mpp, retrieval.smooth, retrieval.smooth_k):
         yield PredictedChunk(rows=slice(done, done + len(values)), values=values)
         done += len(values)
 

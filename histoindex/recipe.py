@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .config import ModelConfig
+from .config import ModelConfig, RetrievalSettings
 from .data import SpotSet
 from .errors import InputError
 from .genes import check_genes, highly_variable_genes, read_gene_list
@@ -30,6 +30,10 @@ if TYPE_CHECKING:  # torch and the model code load only when a model is built (f
 DEFAULT_WEIGHTS = "lite0-imagenet"
 #: dihedral views whose frozen features are cached per spot for training
 TRAIN_VIEWS = 8
+#: how the default recipe's models answer queries. Chosen by nested validation inside the training
+#: sections of every HER2ST outer fold (benchmarks/her2st_explore.py, BENCHMARKS.md): k = 100 in
+#: 27 of 27 selections, z imputation 27/27, tau 0.03 in 20/27 (else 0.1), smoothing 0.5 in 9/9.
+DEFAULT_RETRIEVAL = RetrievalSettings(k=100, tau=0.03, impute="z", smooth=0.5)
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,8 @@ class TrainOptions:
     #: Macenko won on both inner splits of training sections (HER2ST C2,C3 -> C4 and C2,C3,C4 -> B4)
     #: and on every held-out protocol; see BENCHMARKS.md
     stain: str = "macenko"
+    #: how queries are answered (recorded in the model's config; query --k / --smooth override)
+    retrieval: RetrievalSettings = DEFAULT_RETRIEVAL
 
 
 def model_config(references: Sequence[SpotSet], options: TrainOptions, *, genes_among: Sequence[str] | None = None) -> ModelConfig:
@@ -115,6 +121,7 @@ def model_config(references: Sequence[SpotSet], options: TrainOptions, *, genes_
         freeze_backbone=options.freeze_backbone,
         views=options.views,
         stain=check_stain(options.stain),
+        retrieval=options.retrieval.to_dict(),
     )
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .data import Hits
+from .data import DatasetStats, Hits
 from .errors import InputError, StoreError, UnknownValue
 from .store import Store, has_vector_index, sql_literal
 
@@ -177,6 +177,9 @@ class References:
         self.row_ids: np.ndarray | None = None
         self.keys = None  # torch tensor on device (exact)
         self._expression: np.ndarray | None = None
+        self._datasets: np.ndarray | None = None  # dataset of every candidate row (exact)
+        self._stats = None  # DatasetStats, read when "z" imputation first needs them
+        self._dataset_index: dict[str, int] = {}
         self._positions: dict | None = None
         if self.path == "exact":
             self._load_exact()
@@ -192,7 +195,7 @@ class References:
 
         n_genes = self._n_genes()
         cache = self.n * n_genes * 4 <= EXPRESSION_CACHE_BYTES
-        columns = ["expression_embedding", *SCOPE_COLUMNS] + (["expression"] if cache else [])
+        columns = ["expression_embedding", "dataset", *SCOPE_COLUMNS] + (["expression"] if cache else [])
         arrow = self._scan(columns)
         self.scope.verify(arrow, version=self.spots_version)
         order = np.argsort(arrow.column("_rowid").to_numpy())
@@ -200,12 +203,56 @@ class References:
         self.row_ids = arrow.column("_rowid").to_numpy()
         keys = _as_matrix(arrow.column("expression_embedding"))
         self.keys = torch.from_numpy(keys).to(self.device)  # once per query, not per chunk
+        self._datasets = arrow.column("dataset").to_numpy(zero_copy_only=False)
         if cache:
             self._expression = _as_matrix(arrow.column("expression"), n_genes)
 
     def _n_genes(self) -> int:
         first = self.table.search().where(self.where).select(["expression"]).limit(1).to_arrow()
         return len(first.column("expression")[0])
+
+    def dataset_stats(self):
+        """Per-dataset and pooled gene means/sds of the candidate rows (:class:`DatasetStats`, codes
+        as :meth:`dataset_codes` gives them): from the profiles in memory, else one streaming scan
+        of the filtered rows' ``dataset`` and ``expression`` columns, once per session."""
+        if self._stats is not None:
+            return self._stats
+        if self._expression is not None:
+            names, codes = np.unique(self._datasets, return_inverse=True)
+            self._stats = DatasetStats.of(self._expression, codes)
+        else:
+            sums: dict[str, list] = {}
+            try:
+                batches = self.table.to_lance().to_batches(columns=["dataset", "expression"], filter=self.where, batch_size=8192)
+                for batch in batches:
+                    labels = batch.column("dataset").to_numpy(zero_copy_only=False)
+                    values = _as_matrix(batch.column("expression")).astype(np.float64)
+                    for name in np.unique(labels):
+                        rows = values[labels == name]
+                        acc = sums.setdefault(str(name), [0, 0.0, 0.0])
+                        acc[0] += len(rows)
+                        acc[1] = acc[1] + rows.sum(axis=0)
+                        acc[2] = acc[2] + (rows**2).sum(axis=0)
+            except Exception as exc:
+                raise StoreError(f"cannot read the reference profiles' statistics ({self.where!r}): {exc}") from exc
+            names = np.array(sorted(sums))
+            self._stats = DatasetStats.from_sums(
+                np.array([sums[n][0] for n in names]), np.stack([sums[n][1] for n in names]), np.stack([sums[n][2] for n in names])
+            )
+        self._dataset_index = {str(name): i for i, name in enumerate(names)}
+        return self._stats
+
+    def dataset_codes(self, row_ids: np.ndarray) -> np.ndarray:
+        """The dataset (a code of :meth:`dataset_stats`) of each of ``row_ids``."""
+        self.dataset_stats()
+        row_ids = np.asarray(row_ids, np.int64)
+        if self._datasets is not None:
+            labels = self._datasets[np.searchsorted(self.row_ids, row_ids)]
+        else:
+            rows = self.table.to_lance()._take_rows(pa.array(row_ids.astype(np.uint64)), columns=["dataset"])
+            labels = rows.column("dataset").to_numpy(zero_copy_only=False)
+        names, inverse = np.unique(labels, return_inverse=True)
+        return np.array([self._dataset_index[str(name)] for name in names], np.int64)[inverse]
 
     def expression(self, row_ids: np.ndarray) -> np.ndarray:
         """Expression profiles of ``row_ids`` (LanceDB row ids), in that order; rows outside the

@@ -35,7 +35,7 @@ def test_evaluate_cli_scores_model_and_baselines_and_writes_rescorable_predictio
     (fold,) = report["folds"]
     assert fold["holdout"] == "syn-heldout" and fold["train_sections"] == ["syn-train", "syn-other"]
     scores = fold["scores"]
-    assert set(scores) == {"histoindex", "neighbour-mean", "mean", "colour-retrieval", "frozen-retrieval", "frozen-ridge"}
+    assert set(scores) == {"histoindex", "neighbour-mean", "mean", "colour-retrieval", "frozen-retrieval", "frozen-retrieval+", "frozen-ridge"}
     assert scores["mean"]["all"] == 0.0  # a constant prediction scores 0, not NaN
     assert scores["histoindex"]["all"] > 0.25
     assert scores["histoindex"]["MSE"] < scores["mean"]["MSE"]

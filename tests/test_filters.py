@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
+import pytest
 
 from histoindex import api
 from histoindex.embed import embed_images
@@ -41,18 +42,27 @@ def test_other_tissue_never_in_neighbours(store, sections):
 
 def test_selective_filter_is_applied_before_the_search(store, sections, tmp_path):
     """Prefiltering: a filter matching 10 rows with k=50 returns exactly those 10 rows, so every
-    prediction is their mean (a post-filter would return almost nothing)."""
+    prediction is a weighted mean of them (a post-filter would return almost nothing)."""
     run("ingest", sections.other_h5ad, "--tissue", "lung", "--platform", "visium", "--dataset", "lung-set", "--db", store)
     where = "spot_id LIKE '%spot0000_'"
     out = tmp_path / "lung.parquet"
-    run("query", sections.heldout_tif, "--tissue", "lung", "--where", where, "--k", "50", "--spots", sections.heldout_h5ad, "--out", out, "--db", store)
+    run(
+        "query", sections.heldout_tif, "--tissue", "lung", "--where", where, "--k", "50", "--smooth", "0", "--spots", sections.heldout_h5ad, "--out", out,
+        "--db", store,
+    )  # fmt: skip
     st = Store(store)
     matching = st.table("spots").search().where(f"tissue = 'lung' AND ({where})").select(["expression"]).limit(None).to_arrow()
     assert matching.num_rows == 10
-    expected = np.stack(matching.column("expression").to_numpy(zero_copy_only=False)).mean(axis=0)
+    rows = np.stack(matching.column("expression").to_numpy(zero_copy_only=False)).astype(np.float64)
     genes = list(st.model().cfg.genes)
-    predicted = pl.read_parquet(out).select(genes).to_numpy()
-    np.testing.assert_allclose(predicted, np.broadcast_to(expected, predicted.shape), rtol=1e-5, atol=1e-6)
+    predicted = pl.read_parquet(out).select(genes).to_numpy().astype(np.float64)
+    # each prediction is a convex combination of exactly those 10 profiles (similarity weights; one
+    # dataset, so z imputation maps back onto its own scale): solve for the weights, summing to one
+    system = np.vstack([rows.T, np.ones((1, len(rows)))])
+    for p in predicted:
+        weights, *_ = np.linalg.lstsq(system, np.r_[p, 1.0], rcond=None)
+        np.testing.assert_allclose(weights @ rows, p, atol=1e-4)
+        assert weights.min() > -1e-4 and weights.sum() == pytest.approx(1.0, abs=1e-4)
     stored = st.table("predictions").to_arrow()
     assert set(stored.column("k").to_pylist()) == {10}
 

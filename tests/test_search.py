@@ -94,7 +94,7 @@ def test_ingest_keeps_the_vector_index_current_and_old_versions_readable(store, 
     assert tbl.count_rows() == rows_before
     # the ANN path now finds the new tissue without a flat scan of unindexed rows
     result = run("query", sections.other_tif, "--tissue", "lung", "--search", "ann", "--db", store)
-    assert "ann top-50" in result.output
+    assert "ann top-100" in result.output  # the default recipe's k
 
 
 def test_exact_topk_bounds_the_similarity_block(monkeypatch):

@@ -41,8 +41,9 @@ def tissue_px(sections) -> float:
 
 def test_a_finer_stride_overlaps_windows_on_a_finer_grid_and_keeps_the_coarse_tiles_predictions(store, sections, tmp_path, tissue_px):
     coarse, fine = tmp_path / "coarse.parquet", tmp_path / "fine.parquet"
-    _query(store, sections.heldout_tif, coarse, "--stride-um", PATCH_UM)
-    result = _query(store, sections.heldout_tif, fine, "--stride-um", "55")
+    # --smooth 0: a window's own prediction (smoothing blends it with its grid neighbours', which differ by grid)
+    _query(store, sections.heldout_tif, coarse, "--stride-um", PATCH_UM, "--smooth", "0")
+    result = _query(store, sections.heldout_tif, fine, "--stride-um", "55", "--smooth", "0")
     assert "centred every 55 µm (--stride-um)" in result.output
     a, b = pl.read_parquet(coarse), pl.read_parquet(fine)
     mpp = _provenance(fine)["mpp"]
