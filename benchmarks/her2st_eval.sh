@@ -41,6 +41,8 @@ for name, title in titles.items():
     for f in report["folds"]:
         h, fr = f["scores"]["histoindex"], f["scores"]["frozen-retrieval"]
         per_epoch = f["train_seconds"] / max(f["epochs"], 1)
-        print(f"  {f['holdout']}: {h['HEG-50']:.3f} / {h['HVG-50']:.3f} | {fr['HEG-50']:.3f} / {fr['HVG-50']:.3f}  (train {f['train_seconds']:.0f} s, {f['epochs']} epochs, {per_epoch:.2f} s/epoch)")
+        check = f.get("inner_check") or {}
+        said = f"; inner check: trained {check['trained']:.3f} vs frozen {check['frozen']:.3f} ({check['seconds']:.0f} s)" if check else ""
+        print(f"  {f['holdout']}: {h['HEG-50']:.3f} / {h['HVG-50']:.3f} | {fr['HEG-50']:.3f} / {fr['HVG-50']:.3f}  (train {f['train_seconds']:.0f} s, {f['epochs']} epochs, {per_epoch:.2f} s/epoch{said})")
     print()
 PY

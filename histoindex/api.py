@@ -87,7 +87,7 @@ def train(
         f"{len(cfg.genes)} genes ({', '.join(cfg.genes[:3])}, …), {cfg.patch_um:g} µm patches at {cfg.patch_px} px, on {n_spots:,} spots of {', '.join(names)}"
     )
     from .embed import resolve_device, resolve_precision  # torch: seconds to import
-    from .recipe import estimate_training, train_model
+    from .recipe import describe_inner_check, estimate_training, train_model
 
     torch_device = resolve_device(device)
     precision = resolve_precision(precision, torch_device)
@@ -118,7 +118,10 @@ def train(
         precision=precision,
         feature_progress=features_done,
         on_model=estimate,
+        check=(options or TrainOptions()).inner_check,
     )
+    if "inner_check" in result.metrics:
+        log(describe_inner_check(result.metrics["inner_check"]))
     from .distributed import launch_rank
 
     if launch_rank() != 0:  # torchrun: every rank holds the same model; rank 0 writes it

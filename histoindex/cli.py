@@ -240,6 +240,12 @@ def training_options(fn):
                 help="Stain normalisation of every section and slide (Macenko, fitted per slide on a sample of its own patches).",
             ),
             click.option(
+                "--inner-check/--no-inner-check",
+                default=defaults.inner_check,
+                show_default=True,
+                help="With several references and a frozen backbone, hold each out in turn and check that the trained model beats frozen-feature retrieval (recorded in the model; a warning when it does not).",
+            ),
+            click.option(
                 "--retrieval",
                 "retrieval",
                 multiple=True,
@@ -272,6 +278,7 @@ def _train_options(kwargs: dict) -> TrainOptions:
         "freeze_backbone",
         "views",
         "stain",
+        "inner_check",
     )
     if kwargs.get("weights") is not None and kwargs["weights"].lower() == "none":
         kwargs = {**kwargs, "weights": ""}  # explicit random initialisation

@@ -19,35 +19,13 @@ import numpy as np
 from .baselines import mean_colour, retrieval_mean, ridge_on_features  # noqa: F401  (also importable from here)
 from .data import SpotSet
 from .errors import InputError
-from .metrics import mse, pearson_per_gene
+from .metrics import gene_sets, mse, pearson_per_gene, score  # noqa: F401  (gene_sets, score: also importable from here)
 
 #: default marker genes for breast tissue (HER2ST-style MG-8)
 BREAST_MARKERS = ("FASN", "SCD", "KRT8", "CD74", "MGP", "IGKC", "VIM", "MUC1")
 BASELINES = ("neighbour-mean", "mean", "colour-retrieval", "frozen-retrieval", "frozen-retrieval+", "frozen-ridge")
 #: the retrieval baselines' k (BLEEP's); "frozen-retrieval+" uses the model's retrieval settings instead
 BASELINE_K = 50
-
-
-def gene_sets(truth: np.ndarray, genes: Sequence[str], markers: Sequence[str], n: int = 50) -> dict[str, np.ndarray]:
-    """Indices of the scored gene sets, defined on the held-out truth: HEG-n (highest mean),
-    HVG-n (highest variance), MG (the markers in the panel), all."""
-    sets = {
-        f"HEG-{n}": np.argsort(-truth.mean(axis=0), kind="stable")[:n],
-        f"HVG-{n}": np.argsort(-truth.var(axis=0), kind="stable")[:n],
-    }
-    index = {g: i for i, g in enumerate(genes)}
-    present = [index[g] for g in markers if g in index]
-    if present:
-        sets[f"MG-{len(present)}"] = np.asarray(present)
-    sets["all"] = np.arange(len(genes))
-    return sets
-
-
-def score(truth: np.ndarray, predicted: np.ndarray, sets: dict[str, np.ndarray]) -> dict[str, float]:
-    r = pearson_per_gene(truth, predicted)
-    out = {name: float(r[idx].mean()) for name, idx in sets.items()}
-    out["MSE"] = mse(truth, predicted)
-    return out
 
 
 def _cache_path(cache: str | Path | None, ref: SpotSet, cfg, precision: str) -> Path | None:
@@ -75,6 +53,7 @@ class FoldResult:
     predictions: dict[str, np.ndarray] = field(repr=False)
     train_seconds: float = 0.0
     epochs: int = 0
+    inner_check: dict | None = None  # what training's inner check found (recipe.inner_check)
 
 
 @dataclass
@@ -109,7 +88,10 @@ class Evaluation:
             "config": self.config,
             "summary": self.summary(),
             "folds": [
-                {k: getattr(f, k) for k in ("holdout", "train_sections", "n_train_spots", "n_test_spots", "n_genes", "scores", "train_seconds", "epochs")}
+                {
+                    k: getattr(f, k)
+                    for k in ("holdout", "train_sections", "n_train_spots", "n_test_spots", "n_genes", "scores", "train_seconds", "epochs", "inner_check")
+                }
                 for f in self.folds
             ],
         }
@@ -144,7 +126,7 @@ def evaluate(
     from .methods import get_method
     from .models import create_model
     from .patch import spot_patches, spot_stain
-    from .recipe import TrainOptions, model_config, train_model
+    from .recipe import TrainOptions, answer_spots, describe_inner_check, model_config, train_model, unit_rows
     from .stain import normalised
     from .train import TrainSection, seed_everything
 
@@ -196,8 +178,10 @@ def evaluate(
         method = get_method(cfg.method)
         log(f"fold {holdout}: training {cfg.method} on {', '.join(r.name for r in train)} ({sum(r.n_obs for r in train)} spots, {len(genes)} genes)")
         cached = [features[r.name] for r in train] if cfg.freeze_backbone else None
-        result = train_model(train, cfg, weights=cfg.weights or None, device=torch_device, features=cached, precision=precision)
-        train_seconds = time.perf_counter() - started
+        result = train_model(train, cfg, weights=cfg.weights or None, device=torch_device, features=cached, precision=precision, check=options.inner_check)
+        train_seconds = time.perf_counter() - started - result.metrics.get("inner_check", {}).get("seconds", 0.0)
+        if "inner_check" in result.metrics:
+            log(f"fold {holdout}: {describe_inner_check(result.metrics['inner_check'])}")
         model = result.model.to(torch_device).eval()
         views = max(cfg.views, 1)
         if cfg.freeze_backbone:  # what ingest and query compute: features averaged over the model's views
@@ -235,7 +219,7 @@ def evaluate(
             f_train = np.concatenate([features[r.name][:, :views].mean(axis=1) for r in train])
             f_test = features[holdout][:, :views].mean(axis=1)
             predictions["frozen-retrieval"] = retrieval_mean(f_test, f_train, train_expr, BASELINE_K)
-            predictions["frozen-retrieval+"] = answer_spots(_unit(f_test), _unit(f_train), profiles, retrieval, test_xy_um)
+            predictions["frozen-retrieval+"] = answer_spots(unit_rows(f_test), unit_rows(f_train), profiles, retrieval, test_xy_um)
             predictions["frozen-ridge"] = ridge_on_features(f_train, train_expr, f_test)
 
         sets = gene_sets(truth, genes, markers)
@@ -254,6 +238,7 @@ def evaluate(
                 predictions=predictions,
                 train_seconds=round(train_seconds, 1),
                 epochs=len(result.metrics["train_loss"]),
+                inner_check=result.metrics.get("inner_check"),
             )
         )
         log(f"fold {holdout}: " + "; ".join(f"{s} HEG {v['HEG-50']:.3f} HVG {v['HVG-50']:.3f}" for s, v in scores.items()))
@@ -267,20 +252,3 @@ def evaluate(
         "precision": precision,
     }
     return Evaluation(folds=folds, config=config)
-
-
-def answer_spots(queries: np.ndarray, keys: np.ndarray, profiles, settings, xy_um: np.ndarray) -> np.ndarray:
-    """What ``query --spots`` computes from unit-length query and key vectors held in memory:
-    exact top-k, similarity weights, imputation space, then spatial smoothing over the query
-    spots at ``xy_um`` (``settings``: :class:`~histoindex.config.RetrievalSettings`)."""
-    from .data import Hits
-    from .impute import impute, smoothed
-    from .search import exact_topk
-
-    idx, sims = exact_topk(queries, keys, settings.k)
-    imputed = impute(Hits(indices=idx, similarities=sims, spots_version=-1), profiles, settings)
-    return np.concatenate(list(smoothed([imputed], xy_um, settings.smooth, settings.smooth_k)))
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)

@@ -63,6 +63,9 @@ class TrainOptions:
     stain: str = "macenko"
     #: how queries are answered (recorded in the model's config; query --k / --smooth override)
     retrieval: RetrievalSettings = DEFAULT_RETRIEVAL
+    #: with several sections and a frozen backbone: check, holding each out in turn, that the trained
+    #: model beats frozen-feature retrieval (:func:`inner_check`; recorded in the model's metrics)
+    inner_check: bool = True
 
 
 def model_config(references: Sequence[SpotSet], options: TrainOptions, *, genes_among: Sequence[str] | None = None) -> ModelConfig:
@@ -240,6 +243,7 @@ def train_model(
     precision: str = "fp32",
     feature_progress: Callable[[int, int], None] | None = None,
     on_model: Callable[[torch.nn.Module], None] | None = None,
+    check: bool = False,
 ) -> TrainingResult:
     """Train ``cfg`` (its method: ``cfg.method``) on the references' spots (patches of
     ``cfg.patch_um`` µm around each spot, expression over ``cfg.genes``). Deterministic for a given
@@ -252,6 +256,8 @@ def train_model(
     ``precision``: of the frozen backbone's features (``bf16`` where queries embed in bf16, so that
     the heads learn on the features they will be given). ``on_model(model)`` is called once the
     model is built, before any spot is read (on rank 0; e.g. to time it: :func:`estimate_training`).
+    ``check``: run :func:`inner_check` after training (one process only) into
+    ``metrics["inner_check"]``.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1; methods that support it) this joins the process group
     (see :func:`histoindex.distributed.init_from_env`) and trains data-parallel: each process embeds
@@ -326,4 +332,96 @@ def train_model(
     }
     if world > 1:
         metrics["world_size"] = world
+    elif check:
+        started = time.perf_counter()
+        found = inner_check(sections, cfg, weights=weights, device=device, method=method)
+        if found is not None:
+            metrics["inner_check"] = {**found, "seconds": round(time.perf_counter() - started, 2)}
     return TrainingResult(model=model.cpu(), cfg=cfg, metrics=metrics)
+
+
+def answer_spots(queries: np.ndarray, keys: np.ndarray, profiles, settings, xy_um: np.ndarray) -> np.ndarray:
+    """What ``query --spots`` computes from unit-length query and key vectors held in memory:
+    exact top-k, similarity weights, imputation space, then spatial smoothing over the query
+    spots at ``xy_um`` (``settings``: :class:`~histoindex.config.RetrievalSettings`)."""
+    from .data import Hits
+    from .impute import impute, smoothed
+    from .search import exact_topk
+
+    idx, sims = exact_topk(queries, keys, settings.k)
+    imputed = impute(Hits(indices=idx, similarities=sims, spots_version=-1), profiles, settings)
+    return np.concatenate(list(smoothed([imputed], xy_um, settings.smooth, settings.smooth_k)))
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (float32): cosine similarity becomes a dot product."""
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+#: training sections held out in turn by the inner check (each costs one more fit of the method)
+INNER_CHECK_FOLDS = 4
+
+
+def inner_check(sections, cfg: ModelConfig, *, weights: str | None, device, method) -> dict | None:
+    """Does training pay on these references? Each training section (up to
+    :data:`INNER_CHECK_FOLDS`) is held out in turn, ``method`` is fitted with ``cfg`` on the others,
+    and the held-out spots are answered by the trained model and by frozen-feature retrieval with
+    the same retrieval settings, both exactly as ``query --spots`` answers; the score is the mean
+    of HEG-50 and HVG-50 Pearson r (genes as measured on the held-out section). None when there is
+    nothing to check (one section, or a fine-tuned backbone: no frozen features to compare with).
+
+    The verdict is recorded in the model's metrics and said when the model is trained; the model
+    itself is the one fitted on all sections either way."""
+    from .impute import ProfileMatrix
+    from .metrics import gene_sets, score
+    from .models import create_model
+    from .train import TrainSection, seed_everything
+
+    if not cfg.freeze_backbone or len(sections) < 2 or any(s.features is None for s in sections):
+        return None
+    views = max(cfg.views, 1)
+
+    def averaged(section) -> np.ndarray:  # what ingest and query embed: the model's views averaged
+        return section.features[:, :views].mean(axis=1)
+
+    folds = []
+    for held in sections[:INNER_CHECK_FOLDS]:
+        others = [s for s in sections if s is not held]
+        generator = seed_everything(cfg.seed)
+        model = create_model(cfg, weights=weights).to(device)
+        method.fit(model, others, cfg, generator=generator, device=device)
+        model.eval()
+        keys = np.concatenate(
+            [method.embed_references(model, TrainSection(s.name, s.expression, s.xy_um, features=averaged(s)), device=device)[1] for s in others]
+        )
+        queries = np.concatenate(list(method.query_encoder(model, held.xy_um, device=device)([averaged(held)])))
+        profiles = ProfileMatrix(np.concatenate([s.expression for s in others]), np.repeat([s.name for s in others], [len(s) for s in others]))
+        settings = cfg.retrieval_settings.replace(k=min(cfg.retrieval_settings.k, len(profiles.values)))
+        frozen_keys = unit_rows(np.concatenate([averaged(s) for s in others]))
+        sets = gene_sets(held.expression, list(cfg.genes), ())
+        scores = {}
+        for system, (q, k) in {"trained": (queries, keys), "frozen": (unit_rows(averaged(held)), frozen_keys)}.items():
+            s = score(held.expression, answer_spots(q, k, profiles, settings, held.xy_um), sets)
+            scores[system] = round((s["HEG-50"] + s["HVG-50"]) / 2, 4)
+        folds.append({"holdout": held.name, **scores})
+    trained, frozen = (float(np.mean([f[s] for f in folds])) for s in ("trained", "frozen"))
+    return {
+        "score": "mean of HEG-50 and HVG-50 Pearson r on each held-out training section",
+        "folds": folds,
+        "trained": round(trained, 4),
+        "frozen": round(frozen, 4),
+        "verdict": "trained" if trained > frozen else "frozen",
+    }
+
+
+def describe_inner_check(check: dict) -> str:
+    """One line for the log: what the inner check found."""
+    held = ", ".join(f["holdout"] for f in check["folds"])
+    margin = check["trained"] - check["frozen"]
+    said = f"trained heads {check['trained']:.3f} vs frozen-feature retrieval {check['frozen']:.3f} ({margin:+.3f}) on held-out training sections {held}"
+    if check["verdict"] == "trained":
+        return f"inner check: {said}"
+    return (
+        f"warning: inner check: {said} — on these references the trained model did not beat retrieval on the frozen backbone's features; "
+        "expect no gain from training on new slides like them (more reference sections, or --method bleep, usually help)"
+    )
