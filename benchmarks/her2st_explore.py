@@ -832,6 +832,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "fixed-beta": ("fixed + smoothing, frozen similarity mixed in (beta 0.5)", dict(FIXED_RECIPE, smooth=[0.5], beta=[0.5])),
     "fixed-log-smooth": ("fixed with log imputation, smoothing 0.5", dict(FIXED_RECIPE, impute=["log"], smooth=[0.5])),
     "fixed-views1-smooth": ("fixed + smoothing 0.5, 1 view at query time", dict(FIXED_RECIPE, smooth=[0.5], views=[1])),
+    "fixed-views2-smooth": ("fixed + smoothing 0.5, 2 views at query time", dict(FIXED_RECIPE, smooth=[0.5], views=[2])),
+    "fixed-views4-smooth": ("fixed + smoothing 0.5, 4 views at query time", dict(FIXED_RECIPE, smooth=[0.5], views=[4])),
     "fixed-k50": ("fixed with k 50", dict(FIXED_RECIPE, k=[50])),
     "fixed-log": ("fixed with log imputation", dict(FIXED_RECIPE, impute=["log"])),
     "fixed-mean": ("fixed with plain mean (tau 0)", dict(FIXED_RECIPE, tau=[0.0])),

@@ -44,18 +44,23 @@ def main() -> None:
     from histoindex.patch import tile_grid
 
     db = work / "db"
-    with open_slide(slide) as s:
-        grid = tile_grid(s, tile_um=112.0, stride_um=112.0)
+    opened = open_slide(slide)
+    try:
+        grid = tile_grid(opened, tile_um=112.0, stride_um=112.0)
+    finally:
+        opened.close()
     spots = work / f"views-{args.tiles}.csv"
     xy = grid.xy[: args.tiles]
     spots.write_text("spot,x,y\n" + "".join(f"t{i},{x:.1f},{y:.1f}\n" for i, (x, y) in enumerate(xy)))
+    warm = work / "views-warm-up.csv"
+    warm.write_text("spot,x,y\n" + "".join(f"t{i},{x:.1f},{y:.1f}\n" for i, (x, y) in enumerate(xy[:64])))
 
     rows = []
     for views in (1, 2, 4, 8):
         session = api.open_query(db=db, model_id=model_id, views=views)
-        api.query(slide, spots=spots, session=session, keep_predictions=False, commit=False)  # warm-up: first batches, caches
+        api.query(slide, db=db, spots=warm, session=session, keep_predictions=False, commit=False)  # warm-up: first batches, caches
         started = time.perf_counter()
-        result = api.query(slide, spots=spots, session=session, keep_predictions=False, commit=False)
+        result = api.query(slide, db=db, spots=spots, session=session, keep_predictions=False, commit=False)
         seconds = time.perf_counter() - started
         rows.append((views, result.n_tiles, seconds))
         print(f"views {views}: {result.n_tiles} tiles in {seconds:.1f} s = {result.n_tiles / seconds:.1f} tiles/s", flush=True)
@@ -67,7 +72,7 @@ def main() -> None:
     for name, settings in (("plain top-50 mean", plain), ("default recipe's retrieval", recipe)):
         session = replace(base, retrieval=settings, k=settings.k)
         started = time.perf_counter()
-        result = api.query(slide, session=session, keep_predictions=False, commit=False)
+        result = api.query(slide, db=db, session=session, keep_predictions=False, commit=False)
         timings[name] = (result.n_tiles, time.perf_counter() - started)
         n, seconds = timings[name]
         print(f"{name}: {n} tiles in {seconds:.1f} s = {n / seconds:.1f} tiles/s", flush=True)
