@@ -987,6 +987,14 @@ def info(db):
     for m in summary["models"]:
         models.add_row(m["model_id"], m["method"], m["backbone"], str(m["genes"]), ", ".join(m["trained_on"]), str(m["created_at"])[:19])
     out.print(models)
+    for m in summary["models"]:  # how each answers a query, and whether training paid inside its sections
+        r = m["retrieval"]
+        line = f"{m['model_id']}: {m['views']} view(s) per tile, k {r['k']}, " + (f"softmax tau {r['tau']:g}" if r["tau"] else "plain mean")
+        line += f", {r['impute']} imputation, smoothing {r['smooth']:g}"
+        if m["inner_check"]:
+            check = m["inner_check"]
+            line += f"; inner check: trained {check['trained']:.3f} vs frozen retrieval {check['frozen']:.3f}"
+        out.print(line, soft_wrap=True)
     for m in summary["models"]:  # the spots of each model: separate embedding spaces, searched apart
         if not m["datasets"]:
             continue

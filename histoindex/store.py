@@ -757,6 +757,9 @@ class Store:
                 "genes": len(m.cfg.genes),
                 "trained_on": list(m.train_datasets),
                 "created_at": m.created_at,
+                "views": m.cfg.views,
+                "retrieval": m.cfg.retrieval_settings.to_dict(),
+                "inner_check": m.metrics.get("inner_check"),
                 "datasets": [{k: v for k, v in d.items() if k != "model_id"} for d in datasets if d["model_id"] == m.model_id],
             }
             for m in self.models()

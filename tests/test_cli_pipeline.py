@@ -123,6 +123,8 @@ def test_info_and_versions_describe_the_store(store):
     info = run("info", "--db", store).stdout
     for text in ("spots", "models", "train", "breast", "resnet10t"):
         assert text in info
+    # how the model answers: the default recipe's retrieval settings (its inner check needs two sections)
+    assert "1 view(s) per tile, k 100, softmax tau 0.03, z imputation, smoothing 0.5" in info
     versions = run("versions", "--db", store).stdout
     assert "ingest-train-v" in versions  # each ingest is tagged
 
