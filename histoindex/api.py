@@ -119,9 +119,11 @@ def train(
         feature_progress=features_done,
         on_model=estimate,
         check=(options or TrainOptions()).inner_check,
+        fallback=(options or TrainOptions()).fallback,
     )
     if "inner_check" in result.metrics:
-        log(describe_inner_check(result.metrics["inner_check"]))
+        log(describe_inner_check(result.metrics["inner_check"], fallback="fallback" in result.metrics))
+    cfg = result.cfg  # the frozen-retrieval model when training fell back
     from .distributed import launch_rank
 
     if launch_rank() != 0:  # torchrun: every rank holds the same model; rank 0 writes it

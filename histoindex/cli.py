@@ -186,10 +186,10 @@ def training_options(fn):
         [
             click.option(
                 "--method",
-                type=click.Choice(["bleep", "stgchb"]),
+                type=click.Choice(["bleep", "stgchb", "frozen"]),
                 default=defaults.method,
                 show_default=True,
-                help="bleep: each spot alone; stgchb: graph contrastive learning over each section's spatial kNN graph (ST-GCHB).",
+                help="bleep: each spot alone; stgchb: graph contrastive learning over each section's spatial kNN graph (ST-GCHB); frozen: no training, retrieval on the frozen backbone's features (the baseline).",
             ),
             click.option(
                 "--method-param",
@@ -246,6 +246,12 @@ def training_options(fn):
                 help="With several references and a frozen backbone, hold each out in turn and check that the trained model beats frozen-feature retrieval (recorded in the model; a warning when it does not).",
             ),
             click.option(
+                "--fallback/--no-fallback",
+                default=defaults.fallback,
+                show_default=True,
+                help="When the inner check finds frozen-feature retrieval ahead, keep that (method frozen) instead of the trained model.",
+            ),
+            click.option(
                 "--retrieval",
                 "retrieval",
                 multiple=True,
@@ -279,6 +285,7 @@ def _train_options(kwargs: dict) -> TrainOptions:
         "views",
         "stain",
         "inner_check",
+        "fallback",
     )
     if kwargs.get("weights") is not None and kwargs["weights"].lower() == "none":
         kwargs = {**kwargs, "weights": ""}  # explicit random initialisation

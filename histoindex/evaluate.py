@@ -54,6 +54,7 @@ class FoldResult:
     train_seconds: float = 0.0
     epochs: int = 0
     inner_check: dict | None = None  # what training's inner check found (recipe.inner_check)
+    method: str = ""  # the method of the model scored (frozen when training fell back)
 
 
 @dataclass
@@ -90,7 +91,18 @@ class Evaluation:
             "folds": [
                 {
                     k: getattr(f, k)
-                    for k in ("holdout", "train_sections", "n_train_spots", "n_test_spots", "n_genes", "scores", "train_seconds", "epochs", "inner_check")
+                    for k in (
+                        "holdout",
+                        "train_sections",
+                        "n_train_spots",
+                        "n_test_spots",
+                        "n_genes",
+                        "scores",
+                        "train_seconds",
+                        "epochs",
+                        "inner_check",
+                        "method",
+                    )
                 }
                 for f in self.folds
             ],
@@ -178,10 +190,14 @@ def evaluate(
         method = get_method(cfg.method)
         log(f"fold {holdout}: training {cfg.method} on {', '.join(r.name for r in train)} ({sum(r.n_obs for r in train)} spots, {len(genes)} genes)")
         cached = [features[r.name] for r in train] if cfg.freeze_backbone else None
-        result = train_model(train, cfg, weights=cfg.weights or None, device=torch_device, features=cached, precision=precision, check=options.inner_check)
+        result = train_model(
+            train, cfg, weights=cfg.weights or None, device=torch_device, features=cached, precision=precision, check=options.inner_check,
+            fallback=options.fallback,
+        )  # fmt: skip
         train_seconds = time.perf_counter() - started - result.metrics.get("inner_check", {}).get("seconds", 0.0)
         if "inner_check" in result.metrics:
-            log(f"fold {holdout}: {describe_inner_check(result.metrics['inner_check'])}")
+            log(f"fold {holdout}: {describe_inner_check(result.metrics['inner_check'], fallback='fallback' in result.metrics)}")
+        cfg, method = result.cfg, get_method(result.cfg.method)  # the frozen-retrieval model when training fell back
         model = result.model.to(torch_device).eval()
         views = max(cfg.views, 1)
         if cfg.freeze_backbone:  # what ingest and query compute: features averaged over the model's views
@@ -239,6 +255,7 @@ def evaluate(
                 train_seconds=round(train_seconds, 1),
                 epochs=len(result.metrics["train_loss"]),
                 inner_check=result.metrics.get("inner_check"),
+                method=cfg.method,
             )
         )
         log(f"fold {holdout}: " + "; ".join(f"{s} HEG {v['HEG-50']:.3f} HVG {v['HVG-50']:.3f}" for s, v in scores.items()))

@@ -69,6 +69,9 @@ class TrainOptions:
     #: with several sections and a frozen backbone: check, holding each out in turn, that the trained
     #: model beats frozen-feature retrieval (:func:`inner_check`; recorded in the model's metrics)
     inner_check: bool = True
+    #: when the inner check finds frozen-feature retrieval ahead, keep that instead of the trained
+    #: model (method "frozen"; the model's metrics say why)
+    fallback: bool = True
 
 
 def model_config(references: Sequence[SpotSet], options: TrainOptions, *, genes_among: Sequence[str] | None = None) -> ModelConfig:
@@ -247,6 +250,7 @@ def train_model(
     feature_progress: Callable[[int, int], None] | None = None,
     on_model: Callable[[torch.nn.Module], None] | None = None,
     check: bool = False,
+    fallback: bool = False,
 ) -> TrainingResult:
     """Train ``cfg`` (its method: ``cfg.method``) on the references' spots (patches of
     ``cfg.patch_um`` µm around each spot, expression over ``cfg.genes``). Deterministic for a given
@@ -260,7 +264,9 @@ def train_model(
     the heads learn on the features they will be given). ``on_model(model)`` is called once the
     model is built, before any spot is read (on rank 0; e.g. to time it: :func:`estimate_training`).
     ``check``: run :func:`inner_check` after training (one process only) into
-    ``metrics["inner_check"]``.
+    ``metrics["inner_check"]``; with ``fallback``, when it finds frozen-feature retrieval ahead,
+    the result is a frozen-retrieval model (method "frozen", same backbone and retrieval settings;
+    ``metrics["fallback"]`` says why) instead of the trained one.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1; methods that support it) this joins the process group
     (see :func:`histoindex.distributed.init_from_env`) and trains data-parallel: each process embeds
@@ -340,6 +346,17 @@ def train_model(
         found = inner_check(sections, cfg, weights=weights, device=device, method=method)
         if found is not None:
             metrics["inner_check"] = {**found, "seconds": round(time.perf_counter() - started, 2)}
+            if fallback and found["verdict"] == "frozen":
+                frozen_cfg = cfg.replace(method="frozen", method_params={})
+                model = create_model(frozen_cfg, weights=weights).to(device)
+                get_method("frozen").fit(model, sections, frozen_cfg, generator=generator, device=device)
+                model.eval()
+                metrics["fallback"] = {
+                    "from": cfg.method,
+                    "to": "frozen",
+                    "why": f"inner check: trained {found['trained']:.3f} vs frozen-feature retrieval {found['frozen']:.3f}",
+                }
+                cfg = frozen_cfg
     return TrainingResult(model=model.cpu(), cfg=cfg, metrics=metrics)
 
 
@@ -380,7 +397,7 @@ def inner_check(sections, cfg: ModelConfig, *, weights: str | None, device, meth
     from .models import create_model
     from .train import TrainSection, seed_everything
 
-    if not cfg.freeze_backbone or len(sections) < 2 or any(s.features is None for s in sections):
+    if cfg.method == "frozen" or not cfg.freeze_backbone or len(sections) < 2 or any(s.features is None for s in sections):
         return None
     views = max(cfg.views, 1)
 
@@ -417,13 +434,16 @@ def inner_check(sections, cfg: ModelConfig, *, weights: str | None, device, meth
     }
 
 
-def describe_inner_check(check: dict) -> str:
-    """One line for the log: what the inner check found."""
+def describe_inner_check(check: dict, *, fallback: bool = False) -> str:
+    """One line for the log: what the inner check found (and, with ``fallback``, that the model
+    kept is frozen-feature retrieval)."""
     held = ", ".join(f["holdout"] for f in check["folds"])
     margin = check["trained"] - check["frozen"]
     said = f"trained heads {check['trained']:.3f} vs frozen-feature retrieval {check['frozen']:.3f} ({margin:+.3f}) on held-out training sections {held}"
     if check["verdict"] == "trained":
         return f"inner check: {said}"
+    if fallback:
+        return f"warning: inner check: {said} — training did not pay on these references: the model kept is frozen-feature retrieval (method frozen; --no-fallback keeps the trained one)"
     return (
         f"warning: inner check: {said} — on these references the trained model did not beat retrieval on the frozen backbone's features; "
         "expect no gain from training on new slides like them (more reference sections, or --method bleep, usually help)"

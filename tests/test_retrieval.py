@@ -192,3 +192,59 @@ def test_the_inner_check_says_when_frozen_retrieval_wins():
     line = describe_inner_check(check)
     assert line.startswith("warning: inner check: trained heads 0.200 vs frozen-feature retrieval 0.300 (-0.100) on held-out training sections a")
     assert "did not beat retrieval on the frozen backbone's features" in line
+
+
+FROZEN_TINY = [
+    "--backbone",
+    "test_resnet",
+    "--weights",
+    "none",
+    "--freeze-backbone",
+    "--views",
+    "1",
+    "--patch-px",
+    "32",
+    "--patch-um",
+    "110",
+    "--n-genes",
+    "20",
+]
+
+
+def test_the_frozen_method_is_the_frozen_retrieval_baseline(sections, tmp_path):
+    """--method frozen answers as evaluate's frozen-retrieval+ baseline (the same features, the same
+    retrieval settings): exactly, for a backbone of at most 256 features (test_resnet: 96)."""
+    result = run(
+        "evaluate", sections.train_h5ad, sections.other_h5ad, sections.heldout_h5ad, "--holdout", "syn-heldout", "--method", "frozen", "--json",
+        *FROZEN_TINY,
+    )  # fmt: skip
+    (fold,) = json.loads(result.stdout)["folds"]
+    assert fold["method"] == "frozen" and fold["inner_check"] is None  # nothing trained, nothing to check
+    for metric, value in fold["scores"]["frozen-retrieval+"].items():
+        assert fold["scores"]["histoindex"][metric] == pytest.approx(value, abs=1e-5), metric
+
+
+def test_training_that_does_not_pay_falls_back_to_frozen_retrieval(sections, tmp_path):
+    """Heads that never learn (--head-lr 0) lose the inner check: the model kept is frozen-feature
+    retrieval, saying why, and it serves queries like any model; --no-fallback keeps the trained one."""
+    from histoindex.store import Store
+
+    db = tmp_path / "db"
+    untrained = [*FROZEN_TINY, "--epochs", "2", "--head-lr", "0"]
+    result = run("train", sections.train_h5ad, sections.other_h5ad, "--db", db, *untrained)
+    assert "the model kept is frozen-feature retrieval" in result.output
+    record = Store(db).model()
+    assert record.cfg.method == "frozen" and record.model_id.startswith("frozen-")
+    assert record.metrics["fallback"]["from"] == "bleep" and "inner check" in record.metrics["fallback"]["why"]
+    assert record.metrics["inner_check"]["verdict"] == "frozen"
+    run("ingest", sections.train_h5ad, "--tissue", "breast", "--dataset", "train", "--db", db)
+    out = tmp_path / "p.parquet"
+    run("query", sections.heldout_tif, "--tissue", "breast", "--spots", sections.heldout_h5ad, "--out", out, "--db", db)
+    import polars as pl
+
+    values = pl.read_parquet(out).select(list(record.cfg.genes)).to_numpy()
+    assert np.isfinite(values).all() and values.std(axis=0).max() > 0
+
+    kept = run("train", sections.train_h5ad, sections.other_h5ad, "--db", tmp_path / "kept", "--no-fallback", *untrained)
+    assert "did not beat retrieval on the frozen backbone's features" in kept.output
+    assert Store(tmp_path / "kept").model().cfg.method == "bleep"

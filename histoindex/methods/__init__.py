@@ -18,7 +18,7 @@ The search, imputation, store, evaluation and pictures are the same for every me
 
 from __future__ import annotations
 
-from . import bleep, stgchb  # noqa: F401,E402  (registers the methods)
+from . import bleep, frozen, stgchb  # noqa: F401,E402  (registers the methods)
 from ._registry import Method, QueryEncoder, get_method, list_methods, register_method
 
 __all__ = ["Method", "QueryEncoder", "get_method", "list_methods", "register_method"]

@@ -63,6 +63,16 @@ def _project(head, values: np.ndarray, device, batch_size: int = 4096) -> np.nda
     return torch.cat(out).numpy() if out else np.zeros((0, head.layer_norm.normalized_shape[0]), np.float32)
 
 
+def _project_linear(layer, values: np.ndarray, device, batch_size: int = 4096) -> np.ndarray:
+    """Unit-length layer(values) in fp32 for any module mapping (n, F) to (n, d)."""
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(values), batch_size):
+            chunk = torch.from_numpy(np.require(values[start : start + batch_size], np.float32, ["C", "W"])).to(device)
+            out.append(F.normalize(layer(chunk).float(), dim=-1).cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, layer.out_features), np.float32)
+
+
 def _train_heads(model, features: torch.Tensor, expression: torch.Tensor, cfg, generator, device, progress) -> list[float]:
     """Frozen backbone: the heads train on the cached features of the 8 dihedral views of every
     spot; each step sees one random view per spot (augmentation at the cost of a lookup)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from . import (
     bleep,  # noqa: F401  (registers the family)
+    frozen,  # noqa: F401  (registers the family)
     stgchb,  # noqa: F401  (registers the family; torch_geometric is imported only when one is built)
 )
 from ._config import ModelConfig
