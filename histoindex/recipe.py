@@ -348,7 +348,11 @@ def train_model(
             metrics["inner_check"] = {**found, "seconds": round(time.perf_counter() - started, 2)}
             if fallback and found["verdict"] == "frozen":
                 frozen_cfg = cfg.replace(method="frozen", method_params={})
+                trained = model
                 model = create_model(frozen_cfg, weights=weights).to(device)
+                # the very backbone whose features the references were fitted on (a randomly
+                # initialised one would otherwise be drawn anew)
+                model.image_encoder.load_state_dict(trained.image_encoder.state_dict())
                 get_method("frozen").fit(model, sections, frozen_cfg, generator=generator, device=device)
                 model.eval()
                 metrics["fallback"] = {

@@ -11,6 +11,7 @@ from histoindex import api
 from histoindex.evaluate import gene_sets, ridge_on_features, score
 from histoindex.genes import highly_variable_genes
 from histoindex.metrics import pearson_per_gene
+from histoindex.store import Store
 
 from .conftest import TRAIN_ARGS, run
 
@@ -106,7 +107,7 @@ def test_evaluate_gives_what_the_cli_chain_gives(sections, tmp_path):
         "3",
     ]
     out = tmp_path / "fold.parquet"
-    run(
+    report = run(
         "evaluate",
         sections.train_h5ad,
         sections.other_h5ad,
@@ -120,12 +121,15 @@ def test_evaluate_gives_what_the_cli_chain_gives(sections, tmp_path):
         *frozen,
     )
     evaluated = pl.read_parquet(out).filter(pl.col("system") == "histoindex")
+    (fold,) = json.loads(report.stdout)["folds"]
 
     db, queried = tmp_path / "db", tmp_path / "query.parquet"
     run("train", sections.train_h5ad, sections.other_h5ad, "--db", db, *frozen)
     for h5ad, name in ((sections.train_h5ad, "syn-train"), (sections.other_h5ad, "syn-other")):
         run("ingest", h5ad, "--tissue", "breast", "--dataset", name, "--db", db)
     run("query", sections.heldout_tif, "--spots", sections.heldout_h5ad, "--out", queried, "--db", db)
+    # the same model either way: trained, or frozen retrieval when the inner check fell back
+    assert Store(db).model().cfg.method == fold["method"]
     cli = pl.read_parquet(queried)
     genes = [c for c in evaluated.columns if c not in ("section", "system", "spot")]
     assert cli["spot"].to_list() == evaluated["spot"].to_list()
