@@ -16,6 +16,23 @@ from histoindex.impute import ProfileMatrix, impute, smoothed
 
 from .conftest import error_line, run
 
+#: a tiny random-init backbone, frozen: training is the heads' on cached features
+FROZEN_TINY = [
+    "--backbone",
+    "test_resnet",
+    "--weights",
+    "none",
+    "--freeze-backbone",
+    "--views",
+    "1",
+    "--patch-px",
+    "32",
+    "--patch-um",
+    "110",
+    "--n-genes",
+    "20",
+]
+
 
 def _hits(rng, n_query: int, n_ref: int, k: int) -> Hits:
     idx = np.stack([rng.choice(n_ref, size=k, replace=False) for _ in range(n_query)])
@@ -154,23 +171,7 @@ def test_training_checks_inside_its_sections_that_training_pays(sections, tmp_pa
     from histoindex.recipe import describe_inner_check
     from histoindex.store import Store
 
-    frozen = [
-        "--backbone",
-        "test_resnet",
-        "--weights",
-        "none",
-        "--freeze-backbone",
-        "--views",
-        "1",
-        "--patch-px",
-        "32",
-        "--patch-um",
-        "110",
-        "--epochs",
-        "3",
-        "--n-genes",
-        "20",
-    ]
+    frozen = [*FROZEN_TINY, "--epochs", "3"]
     db = tmp_path / "db"
     result = run("train", sections.train_h5ad, sections.other_h5ad, "--db", db, *frozen)
     check = Store(db).model().metrics["inner_check"]
@@ -192,23 +193,6 @@ def test_the_inner_check_says_when_frozen_retrieval_wins():
     line = describe_inner_check(check)
     assert line.startswith("warning: inner check: trained heads 0.200 vs frozen-feature retrieval 0.300 (-0.100) on held-out training sections a")
     assert "did not beat retrieval on the frozen backbone's features" in line
-
-
-FROZEN_TINY = [
-    "--backbone",
-    "test_resnet",
-    "--weights",
-    "none",
-    "--freeze-backbone",
-    "--views",
-    "1",
-    "--patch-px",
-    "32",
-    "--patch-um",
-    "110",
-    "--n-genes",
-    "20",
-]
 
 
 def test_the_frozen_method_is_the_frozen_retrieval_baseline(sections, tmp_path):

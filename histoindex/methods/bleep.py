@@ -55,22 +55,17 @@ class Bleep(Method):
 
 
 def _project(head, values: np.ndarray, device, batch_size: int = 4096) -> np.ndarray:
-    """Unit-length head(values) in fp32, batch by batch: (n, embed_dim)."""
-    out = []
-    for start in range(0, len(values), batch_size):
-        chunk = torch.from_numpy(np.require(values[start : start + batch_size], np.float32, ["C", "W"])).to(device)
-        out.append(F.normalize(head(chunk).float(), dim=-1).cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, head.layer_norm.normalized_shape[0]), np.float32)
-
-
-def _project_linear(layer, values: np.ndarray, device, batch_size: int = 4096) -> np.ndarray:
-    """Unit-length layer(values) in fp32 for any module mapping (n, F) to (n, d)."""
+    """Unit-length head(values) in fp32, batch by batch: (n, embed_dim). ``head``: a projection
+    head, or any module mapping (n, F) to (n, d) (a Linear: the frozen method's)."""
     out = []
     with torch.inference_mode():
         for start in range(0, len(values), batch_size):
             chunk = torch.from_numpy(np.require(values[start : start + batch_size], np.float32, ["C", "W"])).to(device)
-            out.append(F.normalize(layer(chunk).float(), dim=-1).cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, layer.out_features), np.float32)
+            out.append(F.normalize(head(chunk).float(), dim=-1).cpu())
+    if out:
+        return torch.cat(out).numpy()
+    dim = head.out_features if isinstance(head, torch.nn.Linear) else head.layer_norm.normalized_shape[0]
+    return np.zeros((0, dim), np.float32)
 
 
 def _train_heads(model, features: torch.Tensor, expression: torch.Tensor, cfg, generator, device, progress) -> list[float]:

@@ -13,7 +13,7 @@ import torch
 
 from ..train import TrainSection
 from ._registry import Method, QueryEncoder, register_method
-from .bleep import _project_linear
+from .bleep import _project
 
 
 @register_method
@@ -35,13 +35,13 @@ class FrozenRetrieval(Method):
         return []
 
     def embed_references(self, model, section: TrainSection, *, device) -> tuple[np.ndarray, np.ndarray]:
-        image = _project_linear(model.image_projection, section.features, device)
+        image = _project(model.image_projection, section.features, device)
         return image, image  # the search keys are the references' image embeddings
 
     def query_encoder(self, model, xy_um: np.ndarray, *, device) -> QueryEncoder:
         def encode(chunks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
             for features in chunks:
                 with torch.inference_mode():
-                    yield _project_linear(model.image_projection, features, device)
+                    yield _project(model.image_projection, features, device)
 
         return encode
