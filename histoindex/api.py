@@ -77,7 +77,8 @@ def train(
     if len(set(names)) != len(names):
         raise InputError(f"reference names repeat: {', '.join(names)}; give each a distinct --dataset name")
     Store.exists(db)  # a --db that cannot be a store (a file, a folder of other things) fails now, not after training
-    cfg = model_config(references, options or TrainOptions())
+    options = options or TrainOptions()
+    cfg = model_config(references, options)
     for reference in references:  # a blank image, or spots off it, would train on nothing
         check_reference_image(reference, patch_um=cfg.patch_um)
     n_spots = sum(r.n_obs for r in references)
@@ -118,8 +119,8 @@ def train(
         precision=precision,
         feature_progress=features_done,
         on_model=estimate,
-        check=(options or TrainOptions()).inner_check,
-        fallback=(options or TrainOptions()).fallback,
+        check=options.inner_check,
+        fallback=options.fallback,
     )
     if "inner_check" in result.metrics:
         log(describe_inner_check(result.metrics["inner_check"], fallback="fallback" in result.metrics))

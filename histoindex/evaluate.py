@@ -134,11 +134,10 @@ def evaluate(
     the precision), so that comparing recipes does not recompute them."""
     from .baselines import graph_smoothed
     from .embed import backbone_features, batched, iter_image_features, resolve_device, resolve_precision
-    from .impute import ProfileMatrix
     from .methods import get_method
     from .models import create_model
     from .patch import spot_patches, spot_stain
-    from .recipe import TrainOptions, answer_spots, describe_inner_check, model_config, train_model, unit_rows
+    from .recipe import TrainOptions, answer_held_out, answer_spots, describe_inner_check, model_config, train_model, unit_rows
     from .stain import normalised
     from .train import TrainSection, seed_everything
 
@@ -210,20 +209,14 @@ def evaluate(
 
         # exactly ingest → query --spots: each training section embedded as a reference (its own
         # graph for a graph method), the held-out spots as queries, exact top-k, mean profile
-        train_expr = np.concatenate([r.normalized(genes) for r in train])
-        keys = np.concatenate(
-            [
-                method.embed_references(model, TrainSection(r.name, r.normalized(genes), r.xy * r.mpp, features=view_features[r.name]), device=torch_device)[1]
-                for r in train
-            ]
-        )
-        queries = np.concatenate(list(method.query_encoder(model, test.xy * test.mpp, device=torch_device)([view_features[holdout]])))
+        refs = [TrainSection(r.name, r.normalized(genes), r.xy * r.mpp, features=view_features[r.name]) for r in train]
+        train_expr = np.concatenate([r.expression for r in refs])
         truth = test.normalized(genes)
-        retrieval = cfg.retrieval_settings.replace(k=k)
-        retrieval = retrieval.replace(k=min(retrieval.k, len(train_expr)))
-        profiles = ProfileMatrix(train_expr, np.repeat([r.name for r in train], [r.n_obs for r in train]))
         test_xy_um = test.xy * test.mpp
-        predictions = {"histoindex": answer_spots(queries, keys, profiles, retrieval, test_xy_um)}
+        retrieval = cfg.retrieval_settings.replace(k=k)
+        held = TrainSection(test.name, truth, test_xy_um, features=view_features[holdout])
+        predicted, profiles = answer_held_out(method, model, refs, held, retrieval, device=torch_device)
+        predictions = {"histoindex": predicted}
 
         if baselines:
             train_patches = np.concatenate([patches[r.name] for r in train])

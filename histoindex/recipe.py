@@ -372,9 +372,23 @@ def answer_spots(queries: np.ndarray, keys: np.ndarray, profiles, settings, xy_u
     from .impute import impute, smoothed
     from .search import exact_topk
 
-    idx, sims = exact_topk(queries, keys, settings.k)
+    idx, sims = exact_topk(queries, keys, min(settings.k, len(keys)))  # k above the references: all of them
     imputed = impute(Hits(indices=idx, similarities=sims, spots_version=-1), profiles, settings)
     return np.concatenate(list(smoothed([imputed], xy_um, settings.smooth, settings.smooth_k)))
+
+
+def answer_held_out(method, model, references: Sequence, held, settings, *, device):
+    """What ``ingest`` of ``references`` then ``query --spots`` of ``held`` compute, in memory:
+    each reference section embedded by ``method`` (its own graph for a graph method), the held-out
+    spots encoded as queries, then :func:`answer_spots`. Sections are
+    :class:`~histoindex.train.TrainSection` s with view-averaged ``features`` (n, F). Returns the
+    predictions and the references' :class:`~histoindex.impute.ProfileMatrix`."""
+    from .impute import ProfileMatrix
+
+    keys = np.concatenate([method.embed_references(model, r, device=device)[1] for r in references])
+    queries = np.concatenate(list(method.query_encoder(model, held.xy_um, device=device)([held.features])))
+    profiles = ProfileMatrix(np.concatenate([r.expression for r in references]), np.repeat([r.name for r in references], [len(r) for r in references]))
+    return answer_spots(queries, keys, profiles, settings, held.xy_um), profiles
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -396,7 +410,6 @@ def inner_check(sections, cfg: ModelConfig, *, weights: str | None, device, meth
 
     The verdict is recorded in the model's metrics and said when the model is trained; the model
     itself is the one fitted on all sections either way."""
-    from .impute import ProfileMatrix
     from .metrics import gene_sets, score
     from .models import create_model
     from .train import TrainSection, seed_everything
@@ -415,17 +428,17 @@ def inner_check(sections, cfg: ModelConfig, *, weights: str | None, device, meth
         model = create_model(cfg, weights=weights).to(device)
         method.fit(model, others, cfg, generator=generator, device=device)
         model.eval()
-        keys = np.concatenate(
-            [method.embed_references(model, TrainSection(s.name, s.expression, s.xy_um, features=averaged(s)), device=device)[1] for s in others]
-        )
-        queries = np.concatenate(list(method.query_encoder(model, held.xy_um, device=device)([averaged(held)])))
-        profiles = ProfileMatrix(np.concatenate([s.expression for s in others]), np.repeat([s.name for s in others], [len(s) for s in others]))
-        settings = cfg.retrieval_settings.replace(k=min(cfg.retrieval_settings.k, len(profiles.values)))
-        frozen_keys = unit_rows(np.concatenate([averaged(s) for s in others]))
+
+        def view_averaged(s):
+            return TrainSection(s.name, s.expression, s.xy_um, features=averaged(s))
+
+        settings = cfg.retrieval_settings
+        trained, profiles = answer_held_out(method, model, [view_averaged(s) for s in others], view_averaged(held), settings, device=device)
+        frozen = answer_spots(unit_rows(averaged(held)), unit_rows(np.concatenate([averaged(s) for s in others])), profiles, settings, held.xy_um)
         sets = gene_sets(held.expression, list(cfg.genes), ())
         scores = {}
-        for system, (q, k) in {"trained": (queries, keys), "frozen": (unit_rows(averaged(held)), frozen_keys)}.items():
-            s = score(held.expression, answer_spots(q, k, profiles, settings, held.xy_um), sets)
+        for system, predicted in {"trained": trained, "frozen": frozen}.items():
+            s = score(held.expression, predicted, sets)
             scores[system] = round((s["HEG-50"] + s["HVG-50"]) / 2, 4)
         folds.append({"holdout": held.name, **scores})
     trained, frozen = (float(np.mean([f[s] for f in folds])) for s in ("trained", "frozen"))
