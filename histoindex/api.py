@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from .config import ModelConfig, RetrievalSettings
+from .config import ModelConfig, RetrievalSettings, rate_text
 from .data import SPOT_DIAMETER_UM, PatchGrid, SpotSet, check_patch_pixels
 from .errors import InputError, StoreError
 from .io.hest import hest_slide_mpp
@@ -28,7 +28,7 @@ from .recipe import DEFAULT_WEIGHTS, TrainOptions, model_config
 
 # torch and timm (seconds to import) load only inside the commands that run a model, so `sql`,
 # `versions` and `info` start fast.
-from .search import References, Scope, check_filter_values
+from .search import References, Scope, check_filter_values, check_where
 from .sql import run_sql
 from .stain import normalised
 from .store import Compaction, DeleteResult, RestoreResult, Store, prediction_rows, spot_rows
@@ -190,7 +190,7 @@ class ReferenceEmbedder:
         from .train import TrainSection
 
         cfg = self.cfg
-        expression = reference.normalized(list(cfg.genes))  # fails early if genes are missing
+        expression, stored, profile, dataset_genes = reference_profiles(reference, list(cfg.genes), platform=platform)
         check_reference_image(reference, patch_um=cfg.patch_um)
         log(f"embedding {reference.n_obs} spots of {reference.name} with {self.record.model_id} on {self.device}")
         stain = spot_stain(reference, stain=cfg.stain, patch_um=cfg.patch_um, patch_px=cfg.patch_px)
@@ -211,10 +211,62 @@ class ReferenceEmbedder:
             mpp=reference.mpp,
             image_embedding=image_emb,
             expression_embedding=expr_emb,
-            expression=expression,
+            expression=stored,
             source_values=reference.source_values,
             model_id=self.record.model_id,
+            profile=profile,
+            dataset_genes=dataset_genes,
         )
+
+
+def reference_profiles(reference: SpotSet, genes: list[str], *, platform: str) -> tuple[np.ndarray, np.ndarray, object, list[str]]:
+    """What an ingest stores of a reference's expression, for a model of ``genes``:
+
+    * the expression the encoder embeds: log1p(CP10k) over ``genes``, a gene the reference lacks
+      zero-filled (as the published methods do; too few of them is an error,
+      :func:`~histoindex.data.check_panel_overlap`);
+    * the ``expression`` column: the same, a lacking gene NaN (not measured) unless ``platform``
+      measures the whole transcriptome, where a gene left out of the matrix had no counts (0);
+    * the imputation panel: every gene of the reference (sparse), and their names (a model gene
+      matched through an alias under the model's name; on a whole-transcriptome platform the
+      lacking model genes too, as measured zeros)."""
+    import scipy.sparse as sp
+
+    from .data import check_panel_overlap, is_whole_transcriptome
+
+    index = reference.gene_index()
+    missing = check_panel_overlap(genes, index, where=reference.source or reference.name, aliases=reference.gene_aliases)
+    present = [i for i, g in enumerate(genes) if g in index]
+    expression = np.zeros((reference.n_obs, len(genes)), np.float32)
+    expression[:, present] = reference.normalized([genes[i] for i in present])
+    stored = expression
+    names = [str(g) for g in reference.var_names]
+    for i in present:
+        names[index[genes[i]]] = genes[i]
+    profile = reference.profiles()
+    if missing and is_whole_transcriptome(platform):
+        names += missing
+        profile = sp.hstack([profile, sp.csr_matrix((reference.n_obs, len(missing)), dtype=np.float32)], format="csr")
+    elif missing:
+        stored = expression.copy()
+        stored[:, [i for i, g in enumerate(genes) if g not in index]] = np.nan
+    return expression, stored, profile, names
+
+
+def warn_missing_genes(reference: SpotSet, genes: list[str], *, platform: str, log: Log) -> None:
+    """Refuse a reference measuring too few of the model's ``genes``; one warning line when it lacks some."""
+    from .data import check_panel_overlap, is_whole_transcriptome
+
+    missing = check_panel_overlap(genes, reference.gene_index(), where=reference.source or reference.name, aliases=reference.gene_aliases)
+    if not missing:
+        return
+    shown = ", ".join(missing[:5]) + (", …" if len(missing) > 5 else "")
+    kept = (
+        f"stored as measured zeros (platform {platform} measures the whole transcriptome: a gene left out of its matrix had no counts)"
+        if is_whole_transcriptome(platform)
+        else f"stored as not measured (platform {platform} is a targeted panel): predictions average them over the references that measured them"
+    )
+    log(f"warning: {reference.name} lacks {len(missing)} of the model's {len(genes)} genes ({shown}): zero-filled for its expression embedding; {kept}")
 
 
 #: embeds many (reference, labels) pairs with one model record into ``spots`` row tables, in order
@@ -265,10 +317,11 @@ def ingest_many(
         return [IngestResult(dataset=r.name, n_spots=r.n_obs, spots_version=-1, model_id=model_id, trained=trained) for r in references]
     store = Store(db)
     record = store.model(model_id)
-    from .data import check_genes_present
-
+    platforms = {reference.name: labels["platform"] for reference, labels in plans}
     for reference in references:  # nothing is embedded unless every reference fits the model
-        check_genes_present(list(record.cfg.genes), reference.gene_index(), where=reference.source or reference.name, aliases=reference.gene_aliases)
+        log(f"{reference.name}: {reference.mpp:.4g} µm/px ({reference.mpp_source})")
+        check_trained_pixel_size(reference, record)
+        warn_missing_genes(reference, list(record.cfg.genes), platform=platforms[reference.name], log=log)
         check_reference_image(reference, patch_um=record.cfg.patch_um)
     if embed_many is None:
         embedder = ReferenceEmbedder(record, device=device, batch_size=batch_size, precision=precision)
@@ -279,6 +332,28 @@ def ingest_many(
     what = f"{references[0].name}" if len(references) == 1 else f"{len(references)} datasets in one commit"
     log(f"wrote {sum(r.n_obs for r in references)} spots of {what} under model {record.model_id} (spots@{version})")
     return [IngestResult(r.name, r.n_obs, version, record.model_id, trained=trained and i == 0) for i, r in enumerate(references)]
+
+
+#: a dataset ingested at a pixel size further than this (relative) from the one its model was
+#: trained on it at is refused: the same section, patches of another physical size
+TRAINED_MPP_TOLERANCE = 0.10
+
+
+def check_trained_pixel_size(reference: SpotSet, record) -> None:
+    """A dataset the model was trained on (by name) must be read at the pixel size the model
+    recorded for it, within 10 %: else the model learned from patches of another physical size than
+    the ones it would now embed (e.g. a legacy ST section read once as Visium)."""
+    datasets = record.metrics.get("datasets") if isinstance(record.metrics, dict) else None
+    trained = datasets.get(reference.name) if isinstance(datasets, dict) else None
+    recorded = trained.get("mpp") if isinstance(trained, dict) else None
+    if not isinstance(recorded, (int, float)) or not recorded > 0:
+        return
+    if abs(reference.mpp / recorded - 1) > TRAINED_MPP_TOLERANCE:
+        raise InputError(
+            f"{reference.source or reference.name}: read at {reference.mpp:.4g} µm/px ({reference.mpp_source}), but model {record.model_id} was "
+            f"trained on dataset {reference.name} at {recorded:.4g} µm/px ({trained.get('mpp_source', 'source not recorded')}): "
+            f"{max(reference.mpp, recorded) / min(reference.mpp, recorded):.2f}× apart; pass --mpp with the right one, or --platform to match"
+        )
 
 
 def _announce_training(db, references: Sequence[SpotSet], store: Store | None, log: Log) -> None:
@@ -388,6 +463,60 @@ class QuerySession:
     retrieval: RetrievalSettings = field(default_factory=RetrievalSettings)  # the model's, with the query's --k / --smooth
     stride_um: float | None = None  # the output grid's pitch (tiles): --stride-um, or the default rule
     stride_rule: str = ""  # why that pitch (the default rule's reason)
+    options: dict = field(default_factory=dict)  # the answer-shaping options it was opened with (ANSWER_OPTIONS)
+    results: Store | None = None  # where predictions are committed: the reference store, --results-db, or None (--no-store)
+    genes: tuple[str, ...] | None = None  # the genes predicted (query --genes); None: the model's
+
+    @property
+    def predicted_genes(self) -> tuple[str, ...]:
+        return self.genes if self.genes is not None else tuple(self.cfg.genes)
+
+
+#: the query options that shape an answer, besides the model and the spots version (which the
+#: predictions rows record in their own columns); device, precision and batch size do not
+ANSWER_OPTIONS = ("tissue", "platform", "species", "where", "k", "smooth", "views", "stride_um", "search_mode", "genes", "reference_db")
+
+
+def answer_settings(options: dict, *, mpp: float | None = None, spots: str | Path | None = None) -> str:
+    """What a slide's answer depends on besides the model, the ``spots`` version and the slide's own
+    pixels, as canonical JSON: the ``settings`` each prediction row records and the key a cohort
+    re-run matches before it skips a slide. The options as asked (``None``: the model's default, which
+    the model id fixes), a ``--mpp`` given, and the positions file's content hash."""
+    import hashlib
+    import json
+
+    settings = {name: options.get(name) for name in ANSWER_OPTIONS}
+    settings["mpp"] = None if mpp is None else float(mpp)
+    if spots is not None:
+        settings["spots"] = hashlib.sha256(Path(spots).read_bytes()).hexdigest()
+    return json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def open_results(store: Store, *, results_db: str | Path | None, no_store: bool) -> Store | None:
+    """The store a query commits its predictions (and resume state) to: ``store`` itself, a
+    ``results_db`` of the user's own, or None (``no_store``). A reference store that cannot be
+    written is an error now, before the model and the slide are read, naming the two ways out."""
+    if no_store and results_db is not None:
+        raise InputError("--no-store keeps predictions out of every store; --results-db puts them in another: give one or the other")
+    if no_store:
+        return None
+    if results_db is not None:
+        if Store.exists(results_db) or not Path(str(results_db)).exists() or "://" in str(results_db):
+            results = Store(results_db, create=True)
+        else:
+            results = Store(results_db)  # a folder that is not a store: refused with its own message
+        if results.uri == store.uri:
+            return store
+        why = results.unwritable("predictions")
+        if why:
+            raise InputError(f"--results-db {results_db}: {why}")
+        return results
+    why = store.unwritable("predictions")
+    if why:
+        raise InputError(
+            f"the store at {store.uri} is read-only ({why}): pass --no-store to write only --out, or --results-db PATH to keep the predictions in a store of your own"
+        )
+    return store
 
 
 def open_query(
@@ -407,12 +536,21 @@ def open_query(
     views: int | None = None,
     stride_um: float | None = None,
     smooth: float | None = None,
+    genes: Sequence[str] | str | None = None,
+    also: Sequence[str] = (),
+    results_db: str | Path | None = None,
+    no_store: bool = False,
     log: Log = _quiet,
 ) -> QuerySession:
     """Check a query's options and load what its slides share (see :func:`query`). The tile grid's
     pitch is ``stride_um`` or, by default, :func:`histoindex.patch.default_stride_um` of the
     platforms of the references the filters leave. ``k`` and ``smooth`` override the model's
-    retrieval settings (:class:`~histoindex.config.RetrievalSettings`)."""
+    retrieval settings (:class:`~histoindex.config.RetrievalSettings`). ``genes``: what to predict
+    (:func:`predicted_genes`; default the model's genes): any gene a searched reference measured;
+    ``also``: genes predicted besides (``query --plot``: a gene drawn is a gene predicted).
+    Predictions are committed to ``db`` itself, or to ``results_db`` (a store of the user's own,
+    created if new: a shared reference store stays read-only), or nowhere with ``no_store`` (the
+    ``--out`` files only); a reference store that cannot be written is said before anything loads."""
     from .embed import resolve_device, resolve_precision
     from .models import load_model
 
@@ -427,6 +565,7 @@ def open_query(
     if stride_um is not None and not (np.isfinite(stride_um) and stride_um > 0):
         raise InputError(f"--stride-um must be a positive number of micrometres, got {stride_um}")
     store = Store(db)
+    results = open_results(store, results_db=results_db, no_store=no_store)
     version = int(as_of) if as_of is not None and str(as_of).isdigit() else as_of
     version = store.table("spots", version=version).version  # a number or a tag
     record = store.query_model(version=version, model_id=model_id)
@@ -435,7 +574,8 @@ def open_query(
     precision = resolve_precision(precision, torch_device)
     scope = Scope(model_id=record.model_id, tissue=tissue, platform=platform, species=species, where=where)
     check_filter_values(store, version=version, model_id=record.model_id, tissue=tissue, platform=platform, species=species)
-    references = References(store, scope, version=version, mode=search_mode, device=str(torch_device))  # a bad filter fails here
+    genes = predicted_genes(genes, cfg.genes, also=also)
+    references = References(store, scope, version=version, mode=search_mode, device=str(torch_device), genes=genes)  # a bad filter fails here
     retrieval = cfg.retrieval_settings.replace(k=k, smooth=smooth)
     k_eff = min(retrieval.k, references.n)
     if k_eff < retrieval.k:
@@ -452,10 +592,52 @@ def open_query(
     log(f"loading model {record.model_id} ({cfg.backbone}) on {torch_device}; {references.n:,} reference spots (spots@{version})")
     model = load_model(record.cfg, record.weights(), device=torch_device)
     model.cfg = cfg  # the views to average (the weights are the same)
+    asked = dict(tissue=tissue, platform=platform, species=species, where=where, k=k, smooth=smooth, views=views, stride_um=stride_um, search_mode=search_mode)
+    asked["genes"] = list(genes) if genes is not None else None  # as predicted_genes resolved them (None: the model's)
+    if results is not None and results is not store:  # predictions kept apart: their rows say which reference store answered
+        asked["reference_db"] = store.uri
     return QuerySession(
         store=store, record=record, cfg=cfg, model=model, references=references, k=k_eff, device=torch_device, precision=precision,
-        stride_um=stride, stride_rule=rule, retrieval=retrieval,
+        stride_um=stride, stride_rule=rule, retrieval=retrieval, options=asked, results=results, genes=genes,
     )  # fmt: skip
+
+
+def predicted_genes(genes: Sequence[str] | str | None, panel: Sequence[str], *, also: Sequence[str] = ()) -> tuple[str, ...] | None:
+    """The genes a query predicts: ``genes`` (names, ``"A,B"``, a gene-list file, or ``"all"``:
+    every gene a searched reference measured, resolved by
+    :class:`~histoindex.search.References`), default the model's ``panel``, then ``also``; without
+    repeats, in order. None when that is the model's panel (read from the ``expression`` column,
+    so outputs stay as they were)."""
+    from .genes import read_gene_list
+
+    extra = [str(g) for g in also]
+    if genes is None:
+        names = list(dict.fromkeys([*panel, *extra]))
+        return None if len(names) == len(panel) else tuple(names)
+    if isinstance(genes, str):
+        genes = [genes]
+    names: list[str] = []
+    for item in genes:
+        item = str(item).strip()
+        if item and Path(item).is_file():
+            names += read_gene_list(item)
+        else:
+            names += [g.strip() for g in item.split(",") if g.strip()]
+    if not names:
+        raise InputError("--genes names no gene: give symbols (FASN,ERBB2), a file of one symbol per line, or all")
+    if names == ["all"]:
+        return ("all",)  # with ``also``: those are among all
+    names = list(dict.fromkeys([*names, *extra]))
+    return None if tuple(names) == tuple(panel) else tuple(names)
+
+
+def _measured_summary(references: References) -> dict:
+    """Provenance for genes some searched dataset did not measure: which did (a tile's value of
+    such a gene is the mean over its neighbours from those datasets; NaN where none was)."""
+    partial = {g: by for g, by in references.measured_by.items() if len(by) < len(references.dataset_names)}
+    if not partial:
+        return {}
+    return {"measured_by": {g: {"datasets": by, "of": len(references.dataset_names)} for g, by in partial.items()}}
 
 
 #: slide files above this size get a line before they are opened (decoding a large JPEG takes seconds)
@@ -465,26 +647,43 @@ LARGE_SLIDE_BYTES = 20_000_000
 def spots_pixel_size(spots: str | Path, xy: np.ndarray, *, slide: str, platform: str | None, session: QuerySession, log: Log = _quiet) -> float:
     """µm per pixel for ``query --spots`` on a slide with none in its metadata: from a spots
     ``.h5ad`` by the rules references follow (:func:`histoindex.io.pixelsize.reference_pixel_size`:
-    spot pitch from array coordinates or spacing, else ``spot_diameter_fullres``), for the platform
-    of ``--platform`` or of the references searched (when they are of one)."""
+    spot pitch from array coordinates or spacing, else ``spot_diameter_fullres``), the one function
+    references are read through too. The spots' lattice decides the platform (``--platform`` must
+    agree with it); when it does not tell, the references' platform (when they are of one)."""
     from .io.h5ad import h5ad_pixel_size
 
     if Path(spots).suffix.lower() != ".h5ad":
         raise InputError(
             f"{slide} has no pixel size (µm per pixel) in its metadata, and {Path(spots).name} carries none (an .h5ad with its spot layout does); pass --mpp"
         )
-    if platform is None:
+    default = None
+    if platform is None:  # for spots whose layout shows no lattice
         refs = session.references
         platforms = session.store.distinct("spots", "platform", where=refs.where, version=refs.spots_version)
-        if len(platforms) != 1:
-            raise InputError(
-                f"{slide} has no pixel size in its metadata; {Path(spots).name}'s could come from its spot pitch, but the references "
-                f"searched are of {len(platforms)} platforms ({', '.join(map(str, platforms))}): pass --platform (visium, st) or --mpp"
-            )
-        platform = str(platforms[0])
-    size = h5ad_pixel_size(spots, xy_px=xy, platform=platform)
+        default = str(platforms[0]) if len(platforms) == 1 else None
+    size = h5ad_pixel_size(spots, xy_px=xy, platform=platform, default_platform=default)
     log(f"{slide} has no pixel size in its metadata: {size.mpp:.4g} µm/px from {Path(spots).name} ({size.source})")
     return size.mpp
+
+
+def check_query_inputs(slide_path: str | Path, *, mpp: float | None, spots: str | Path | None, where: str | None = None, log: Log = _quiet) -> None:
+    """What a query can check from its arguments and the slide's header alone: the slide opens, has a
+    pixel size (its own, ``--mpp``, HEST's metadata, or one ``--spots`` may give) and the positions
+    file reads. Cheap (no pixel decoded, no model), so a mistake fails before minutes of loading."""
+    from .io.slides import probe_slide
+
+    if where is not None:
+        check_where(where)
+    _, _, slide_mpp = probe_slide(slide_path, mpp=mpp)
+    name = Path(slide_path).name
+    if slide_mpp is None and spots is None and hest_slide_mpp(slide_path) is None:
+        raise InputError(f"{name} has no pixel size (µm per pixel) in its metadata; pass --mpp (e.g. --mpp 0.5 for a 20x scan)")
+    if spots is not None:
+        read_positions(spots)
+        if slide_mpp is None and Path(spots).suffix.lower() != ".h5ad":
+            raise InputError(
+                f"{name} has no pixel size (µm per pixel) in its metadata, and {Path(spots).name} carries none (an .h5ad with its spot layout does); pass --mpp"
+            )
 
 
 def query(
@@ -510,8 +709,11 @@ def query(
     views: int | None = None,
     stride_um: float | None = None,
     smooth: float | None = None,
+    genes: Sequence[str] | str | None = None,
     keep_predictions: bool = True,
     commit: bool = True,
+    results_db: str | Path | None = None,
+    no_store: bool = False,
     slide_name: str | None = None,
     metadata: dict | None = None,
     progress: Progress | None = None,
@@ -536,16 +738,22 @@ def query(
     manifest's columns) is written into ``out`` beside every row and into its provenance. With
     ``commit=False`` nothing is written to the store: the result carries the prediction ``rows``
     for the caller to commit (a cluster's driver commits what its workers predicted)."""
-    from .pipeline import predict
-
     started = time.perf_counter()
+    asked_mpp = mpp  # the --mpp given (the resume key), before a HEST slide's metadata fills it in
     if out is not None:
         out = check_output_path(out)
+    check_query_inputs(slide_path, mpp=mpp, spots=spots, where=where, log=log)  # in the first second, before the model loads
+    if out is not None and out.exists():  # as scanpy's write_h5ad and pandas' to_parquet do: replaced, but said
+        log(f"{out} exists: it is replaced when this query finishes")
+    if session is None:
+        log(f"query {slide_path}: opening the store, loading the model…")  # the libraries and the model take seconds
+    from .pipeline import predict  # torch: after the checks above
+
     if session is None:
         session = open_query(
             db=db, tissue=tissue, platform=platform, species=species, where=where, k=k, as_of=as_of, model_id=model_id,
             device=device, batch_size=batch_size, search_mode=search_mode, precision=precision, views=views, stride_um=stride_um,
-            smooth=smooth, log=log,
+            smooth=smooth, genes=genes, also=plot, results_db=results_db, no_store=no_store, log=log,
         )  # fmt: skip
     elif batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
@@ -555,14 +763,15 @@ def query(
         stride, stride_rule = session.stride_um or session.cfg.patch_um, session.stride_rule
     else:
         stride, stride_rule = check_stride(stride_um, session.cfg.patch_um), "--stride-um"
-    store, record, cfg, model, references = session.store, session.record, session.cfg, session.model, session.references
+    record, cfg, model, references = session.record, session.cfg, session.model, session.references
     torch_device, precision, k_eff = session.device, session.precision, session.k
     if plot:  # checked now, not after minutes of embedding
         if out is None:
             raise InputError("--plot needs --out: pictures are drawn from the predictions file")
         if out.suffix.lower() not in TABLE_SUFFIXES:
             raise InputError(f"--plot draws from a .parquet or .h5ad --out, not {out.name}")
-        plot = check_gene_names(plot, cfg.genes, where=f"model {record.model_id}")
+        plot = check_gene_names(plot, session.predicted_genes, where=f"the genes predicted (model {record.model_id}; query --genes)")
+    genes = session.predicted_genes
     predicate, path = references.where, references.path
 
     if Path(slide_path).is_file() and Path(slide_path).stat().st_size > LARGE_SLIDE_BYTES:  # a big JPEG/PNG decodes for seconds
@@ -597,6 +806,7 @@ def query(
     run_id = uuid.uuid4().hex[:12]
     slide_name = slide_name or Path(slide_path).name
     created_at = datetime.now(timezone.utc)
+    settings = answer_settings({**session.options, **({"stride_um": stride_um} if stride_um is not None else {})}, mpp=asked_mpp, spots=spots)
     provenance = {
         "run_id": run_id,
         "slide": slide_name,
@@ -615,12 +825,14 @@ def query(
         "stain": cfg.stain,
         "views": cfg.views,
         "normalisation": cfg.normalisation,
+        **({"genes": "query --genes"} if session.genes is not None else {}),
+        **_measured_summary(references),
         "created_at": created_at.isoformat(),
     }
     if metadata:
         provenance["metadata"] = dict(metadata)
     writer = (
-        PredictionWriter(out, id_column=id_column, slide=slide_name, mpp=grid.mpp, genes=list(cfg.genes), provenance=provenance, metadata=metadata)
+        PredictionWriter(out, id_column=id_column, slide=slide_name, mpp=grid.mpp, genes=list(genes), provenance=provenance, metadata=metadata)
         if out is not None
         else None
     )
@@ -636,6 +848,7 @@ def query(
         workers=default_read_workers() if workers is None else workers,
         progress=progress,
         where=slide_name,
+        pitch_um=None if spots is not None else stride,  # spots: their spacing, from the positions
     )
     kept: list[np.ndarray] = []
     stream_started = time.perf_counter()
@@ -663,15 +876,17 @@ def query(
 
     def commit_rows() -> None:
         try:
-            outcome["version"] = store.add_predictions(rows_for_lancedb())
+            outcome["version"] = session.results.add_predictions(rows_for_lancedb())
         except BaseException as exc:  # re-raised in the calling thread
             outcome["error"] = exc
 
     uncommitted: list[pa.Table] = []
+    if session.results is None:  # --no-store: the rows go nowhere (the --out file holds the answer)
+        commit = False
 
     def hand_over(item) -> None:
         if not commit:
-            if item is not last:
+            if item is not last and session.results is not None:
                 uncommitted.append(item)
             return
         while True:
@@ -707,6 +922,8 @@ def query(
                 predicate=predicate,
                 k=k_eff,
                 created_at=created_at,
+                settings=settings,
+                genes=session.genes,
             )
             hand_over(rows)
         hand_over(last)
@@ -731,15 +948,13 @@ def query(
             writer.abort()
         raise
     stream_seconds = time.perf_counter() - stream_started
-    predicted = np.concatenate(kept) if kept else np.zeros((0, len(cfg.genes)), np.float32)
+    predicted = np.concatenate(kept) if kept else np.zeros((0, len(genes)), np.float32)
     seconds = time.perf_counter() - started
     log(
-        f"predicted {len(cfg.genes)} genes for {n} tiles ({path} top-{k_eff} of {references.n} references, spots@{references.spots_version}) in {seconds:.1f} s ({n / seconds:.0f} tiles/s)"
+        f"predicted {len(genes)} genes for {n} tiles ({path} top-{k_eff} of {references.n} references, spots@{references.spots_version}) in {seconds:.1f} s ({rate_text(n / seconds, 'tiles')})"
         + (f"; predictions@{predictions_version}" if commit else "")
     )
-    plots = tuple(plot_predictions(out, genes=[gene], out=picture_path(out, gene)) for gene in plot)
-    for picture in plots:
-        log(f"drew {picture}")
+    plots = tuple(plot_predictions(out, genes=[gene], out=picture_path(out, gene)) for gene in plot)  # the result names them
     return QueryResult(
         run_id=run_id,
         slide=slide_name,
@@ -747,7 +962,7 @@ def query(
         spots_version=references.spots_version,
         predictions_version=predictions_version,
         n_tiles=n,
-        genes=cfg.genes,
+        genes=genes,
         ids=grid.ids,
         xy=grid.xy,
         predictions=predicted if keep_predictions else None,
@@ -855,19 +1070,46 @@ def cohort_outputs(entries: Sequence[CohortSlide], out_dir: str | Path | None, o
     return [out_dir / f"{e.stem}{suffix}" for e in entries]
 
 
+def settings_difference(before: str | None, now: str) -> str:
+    """What differs between two runs' ``settings`` (JSON), for one line: ``k 5 → 100; filter …``."""
+    import json
+
+    if before is None:
+        return "that run predates recorded settings"
+    old, new = json.loads(before), json.loads(now)
+    changed = [f"{key} {old.get(key)!r} → {new.get(key)!r}" for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    return "; ".join(changed) or "none"
+
+
 def plan_cohort(
-    store: Store, entries: Sequence[CohortSlide], outs: Sequence[Path | None], *, model_id: str, spots_version: int, redo: bool, log: Log = _quiet
+    store: Store | None,
+    entries: Sequence[CohortSlide],
+    outs: Sequence[Path | None],
+    *,
+    model_id: str,
+    spots_version: int,
+    options: dict,
+    redo: bool,
+    mpp: float | None = None,
+    log: Log = _quiet,
 ) -> tuple[list[tuple[CohortSlide, Path | None]], list[tuple[str, str]]]:
     """Which slides a cohort run predicts, and which it skips (with why): a slide is skipped when
-    ``predictions`` holds a run of it by this model against this ``spots`` version and its output
-    file (if one is asked for) is present, unless ``redo``."""
-    done = set() if redo else store.predicted_slides(model_id=model_id, spots_version=spots_version)
+    ``predictions`` holds a run of it by this model against this ``spots`` version with the same
+    answer settings (:func:`answer_settings` of ``options``: filter, k, smoothing, views, ...) and its
+    output file (if one is asked for) is present, unless ``redo``. A slide predicted before with
+    other settings is predicted again, with a line saying what differs."""
+    runs = {} if redo or store is None else store.predicted_slides(model_id=model_id, spots_version=spots_version)
     todo, skipped = [], []
     for entry, out in zip(entries, outs):
-        if entry.name in done and (out is None or out.exists()):
-            skipped.append((entry.name, f"already predicted by {model_id} against spots@{spots_version}"))
-            log(f"{entry.name}: already predicted (same model and spots version); --redo to predict again")
+        settings = answer_settings(options, mpp=entry.mpp if entry.mpp is not None else mpp)
+        before = runs.get(entry.name, set())
+        if settings in before and (out is None or out.exists()):
+            skipped.append((entry.name, f"already predicted by {model_id} against spots@{spots_version} with the same settings"))
+            log(f"{entry.name}: already predicted (same model, spots version and settings); --redo to predict again")
         else:
+            if before and settings not in before:
+                earlier = sorted(before, key=lambda s: (s is None, s or ""))[0]
+                log(f"{entry.name}: predicted before with other settings ({settings_difference(earlier, settings)}); predicting again")
             todo.append((entry, out))
     return todo, skipped
 
@@ -895,7 +1137,9 @@ def query_cohort(
     outs = cohort_outputs(entries, out_dir, out_format)
     session = open_query(db=db, batch_size=batch_size, log=log, **options)
     model_id, spots_version = session.record.model_id, session.references.spots_version
-    todo, skipped = plan_cohort(session.store, entries, outs, model_id=model_id, spots_version=spots_version, redo=redo, log=log)
+    todo, skipped = plan_cohort(
+        session.results, entries, outs, model_id=model_id, spots_version=spots_version, options=session.options, redo=redo, mpp=mpp, log=log
+    )
     result = CohortResult(skipped=skipped)
     total = len(todo)
     for i, (entry, out) in enumerate(todo, 1):
@@ -912,7 +1156,7 @@ def query_cohort(
         done_tiles = sum(p.n_tiles for p in result.predicted)
         busy = sum(p.seconds for p in result.predicted)
         log(
-            f"[{i}/{total}] {entry.name}: {r.n_tiles} tiles in {r.seconds:.1f} s (cohort so far: {done_tiles} tiles, {done_tiles / max(busy, 1e-9):.0f} tiles/s)"
+            f"[{i}/{total}] {entry.name}: {r.n_tiles} tiles in {r.seconds:.1f} s (cohort so far: {done_tiles} tiles, {rate_text(done_tiles / max(busy, 1e-9), 'tiles')})"
         )
     if progress is not None and total:
         progress("slides", total, total)
@@ -939,6 +1183,8 @@ def evaluate(
     references: Sequence[SpotSet],
     *,
     holdouts: Sequence[str] | None = None,
+    protocol: str = "section",
+    patients: Mapping[str, str] | None = None,
     options: TrainOptions | None = None,
     markers: Sequence[str] | None = None,
     k: int | None = None,
@@ -948,8 +1194,10 @@ def evaluate(
     cache: str | Path | None = None,
     log: Log = _quiet,
 ):
-    """Leave-one-section-out evaluation of ``options`` against baselines; see :mod:`histoindex.evaluate`.
-    ``out`` (.parquet) receives the held-out predictions and truth keyed by section, system and spot."""
+    """Held-out evaluation of ``options`` against baselines; see :mod:`histoindex.evaluate`.
+    ``protocol``: "section" (leave each section out) or "patient" (leave every section of a patient
+    out together; ``patients`` maps section name → patient). ``out`` (.parquet) receives the
+    held-out predictions and truth keyed by section, system and spot."""
     from .evaluate import BREAST_MARKERS
     from .evaluate import evaluate as run_evaluation
 
@@ -958,6 +1206,8 @@ def evaluate(
     result = run_evaluation(
         references,
         holdouts=holdouts,
+        protocol=protocol,
+        patients=patients,
         options=options,
         markers=markers or BREAST_MARKERS,
         k=k,
@@ -1030,12 +1280,12 @@ def delete(*, db: str | Path, dataset: str, model_id: str | None = None) -> Dele
 
 
 def compact(*, db: str | Path, keep_versions: int | None = None, older_than_days: float | None = None, force: bool = False) -> list[Compaction]:
-    """Compact every table's data files, then remove old versions: all but the ``keep_versions``
-    newest, or those older than ``older_than_days`` (default 7 days when neither is given). Tagged
-    versions and spots versions that stored predictions searched are kept (and tagged
+    """Compact every table's data files, then remove old versions: those replaced by a newer one more
+    than ``older_than_days`` ago (default 7 days when neither option is given; with only
+    ``keep_versions``, the grace period ``store.COMPACT_GRACE``, 1 hour: a command may still be
+    reading a version it opened) and, with ``keep_versions``, not among the ``keep_versions`` newest.
+    Tagged versions and spots versions that stored predictions searched are kept (and tagged
     ``pinned-by-predictions-v<N>``) unless ``force``."""
-    if keep_versions is not None and older_than_days is not None:
-        raise InputError("give --keep-versions or --older-than, not both")
     if keep_versions is None and older_than_days is None:
         older_than_days = COMPACT_DEFAULT_DAYS
     if older_than_days is not None and not (np.isfinite(older_than_days) and older_than_days >= 0):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -20,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import __version__
-from .config import RetrievalSettings
+from .config import RetrievalSettings, rate_text
 from .errors import HistoindexError, HistoindexWarning
 from .recipe import TrainOptions
 
@@ -55,21 +56,28 @@ class _RateColumn(ProgressColumn):
         elapsed = task.elapsed or 0.0
         if not task.fields.get("rate", True) or elapsed <= 0:
             return Text("")
-        rate = task.completed / elapsed
-        return Text(f"{rate:,.{0 if rate >= 10 else 1}f} {task.fields.get('unit', 'it')}/s", style="progress.data.speed")
+        return Text(rate_text(task.completed / elapsed, task.fields.get("unit", "it")), style="progress.data.speed")
 
 
 class ProgressBars:
     """The API's ``progress(step, done, total)`` callback drawn as rich progress bars on stderr,
     one bar per step (tiles, spots, epochs), each with its rate. When stderr is not a terminal (a
-    log file, CI, a scheduler) the bars become a plain line per step every ``LOG_EVERY_S`` seconds
-    and when the step completes, written as they happen."""
+    log file, CI, a scheduler) the bars become plain lines, by the clock: a step that has not said
+    how far it is for ``LOG_EVERY_S`` seconds gets a line (also between two of the API's calls: a
+    background thread asks every second, so a slow batch still shows the step is alive), and each
+    step a line when it completes. ``clock`` (seconds, monotonic) and ``write`` (one line) are for
+    tests; ``tick()`` is what the thread calls."""
 
     LOG_EVERY_S = 10.0
 
-    def __init__(self) -> None:
-        self._plain = not console.is_terminal
-        self._lines: dict[str, tuple[float, float, int]] = {}  # step → (started, last line, last total)
+    def __init__(self, *, plain: bool | None = None, clock=time.monotonic, write=None) -> None:
+        self._plain = not console.is_terminal if plain is None else plain
+        self._clock = clock
+        self._write = write or _log
+        self._lock = threading.Lock()
+        self._steps: dict[str, list] = {}  # step → [started, last line, done, total]: unfinished steps
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
         self._progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -82,9 +90,15 @@ class ProgressBars:
         self._tasks: dict[str, int] = {}
 
     def __enter__(self) -> ProgressBars:
+        if self._plain:
+            self._ticker = threading.Thread(target=self._tick_every_second, name="histoindex-progress", daemon=True)
+            self._ticker.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._ticker is not None:
+            self._stop.set()
+            self._ticker.join()
         if self._tasks:
             self._progress.stop()
 
@@ -100,16 +114,37 @@ class ProgressBars:
         self._progress.update(self._tasks[step], completed=done, total=total)
 
     def _line(self, step: str, done: int, total: int) -> None:
-        now = time.monotonic()
-        started, last, last_total = self._lines.get(step, (now, now, -1))
-        if last_total != total or done == 0:  # a new round of this step (the next slide's tiles)
-            started, last = now, now
-        finished = done >= total
-        if finished or now - last >= self.LOG_EVERY_S:
-            rate = done / (now - started) if now > started else 0.0
-            _log(f"{step}: {done:,}/{total:,}" + (f" ({rate:,.1f} {step.split()[-1]}/s)" if step != "epochs" and rate > 0 else ""))
-            last = now
-        self._lines[step] = (started, last, total if not finished else -1)
+        with self._lock:
+            now = self._clock()
+            state = self._steps.get(step)
+            if state is None or state[3] != total or done < state[2]:  # a new round of this step (the next slide's tiles)
+                state = self._steps[step] = [now, now, done, total]
+            state[2] = done
+            if done >= total:
+                self._say(step, state, now)
+                del self._steps[step]
+            elif now - state[1] >= self.LOG_EVERY_S:
+                self._say(step, state, now)
+
+    def tick(self) -> None:
+        """A line for each unfinished step that has said nothing for ``LOG_EVERY_S`` seconds."""
+        with self._lock:
+            now = self._clock()
+            for step, state in self._steps.items():
+                if now - state[1] >= self.LOG_EVERY_S:
+                    self._say(step, state, now)
+
+    def _tick_every_second(self) -> None:
+        while not self._stop.wait(1.0):
+            self.tick()
+
+    def _say(self, step: str, state: list, now: float) -> None:
+        started, _, done, total = state
+        line = f"{step}: {done:,}/{total:,}"
+        if step != "epochs" and now > started and done > 0:
+            line += f" ({rate_text(done / (now - started), step.split()[-1])})"
+        self._write(line)
+        state[1] = now
 
 
 def _read_reference(path, **options):
@@ -118,8 +153,40 @@ def _read_reference(path, **options):
     return api.read_reference(path, **options)
 
 
+#: libraries whose RuntimeError / OSError (or own error classes) reach the user as one line: the store,
+#: SQL and the readers fail that way on a damaged or vanished file, a full disk, a lost permission.
+#: The same errors raised by histoindex's own code (or torch's) keep their traceback: those are bugs.
+_LIBRARIES = {
+    "lance": "Lance", "lancedb": "LanceDB", "duckdb": "DuckDB", "pyarrow": "Arrow", "polars": "Polars",
+    "tifffile": "tifffile", "openslide": "OpenSlide", "PIL": "Pillow", "h5py": "h5py", "anndata": "anndata",
+    "zarr": "zarr", "imagecodecs": "imagecodecs", "pandas": "pandas", "fsspec": "fsspec",
+}  # fmt: skip
+
+
+def _library_error(exc: BaseException) -> str | None:
+    """``exc`` in one line (``DuckDB: IO Error: …``) when a library raised it on a file or store it
+    could not read or write; None for anything else (a histoindex bug keeps its traceback)."""
+    from .errors import one_line
+
+    roots = [type(exc).__module__.split(".")[0]]
+    tb = exc.__traceback__
+    while tb is not None:
+        roots.append(str(tb.tb_frame.f_globals.get("__name__", "")).split(".")[0])
+        tb = tb.tb_next
+    if roots[0] == "duckdb":  # DuckDB's own error classes (duckdb.IOException, …)
+        library = _LIBRARIES["duckdb"]
+    else:
+        library = _LIBRARIES.get(roots[-1]) if isinstance(exc, (RuntimeError, OSError)) else None
+    if library is not None:
+        return f"{library}: {one_line(exc)}"
+    if isinstance(exc, OSError):  # the file system's own error (no space, permission, a file gone)
+        return one_line(exc)
+    return None
+
+
 def handle_errors(fn):
-    """Turn library errors into click errors (one place, one shape)."""
+    """Turn library errors into click errors (one place, one shape): a HistoindexError as it says,
+    a library's error on a file or store as one line naming the library (see ``_library_error``)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -127,6 +194,13 @@ def handle_errors(fn):
             return fn(*args, **kwargs)
         except HistoindexError as exc:
             raise click.ClickException(str(exc)) from exc
+        except click.ClickException:
+            raise
+        except Exception as exc:
+            line = _library_error(exc)
+            if line is None:
+                raise
+            raise click.ClickException(line) from exc
 
     return wrapper
 
@@ -152,6 +226,12 @@ def precision_option(fn):
         show_default=True,
         help="Image-embedding precision; auto: bf16 on CUDA and on CPUs with native bf16, else fp32.",
     )(fn)
+
+
+#: --platform of the commands that read references
+PLATFORM_HELP = (
+    "visium or st, to confirm what the spots' lattice shows (hexagonal: visium, square: st; an error when they differ). [default: the lattice's, else visium]"
+)
 
 
 def reference_options(fn):
@@ -328,14 +408,25 @@ def _method_params(pairs) -> dict:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="histoindex")
-def cli() -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Also show the libraries' own notices (Ray's start-up messages and warnings).")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool) -> None:
     """Predict spatial gene expression from H&E slides with a versioned embedding index."""
+    ctx.meta["histoindex.verbose"] = verbose
+
+
+def _ray_connect(address: str):
+    """Join (or start) the Ray cluster ``--ray`` names, quietly unless ``histoindex -v``."""
+    from . import cluster
+
+    cluster.connect(address, verbose=click.get_current_context().meta.get("histoindex.verbose", False))
+    return cluster
 
 
 @cli.command()
 @click.argument("references", nargs=-1, required=True, type=click.Path(dir_okay=True))
 @db_option
-@click.option("--platform", default="visium", show_default=True, help="visium or st (sets the spot size used for pixel size).")
+@click.option("--platform", help=PLATFORM_HELP)
 @reference_options
 @training_options
 @device_option
@@ -359,8 +450,23 @@ def train(references, db, platform, image, mpp, spot_table, log_normalised, devi
 
 @cli.command()
 @click.argument("references", nargs=-1, required=True, type=click.Path(dir_okay=True))
-@click.option("--holdout", "holdouts", multiple=True, help="Section(s) to hold out, by name (file stem); default: each in turn.")
-@click.option("--platform", default="visium", show_default=True, help="visium or st (sets the spot size used for pixel size).")
+@click.option(
+    "--holdout",
+    "holdouts",
+    multiple=True,
+    help="Section(s) to hold out, by name (file stem); with --protocol patient, patient(s). Default: each in turn.",
+)
+@click.option(
+    "--protocol",
+    type=click.Choice(["section", "patient"]),
+    default="section",
+    show_default=True,
+    help="section: hold out one section at a time; patient: every section of a patient together "
+    "(model, gene panel and baselines fitted on the other patients only; needs --patient or --patient-column).",
+)
+@click.option("--patient", "patient_pairs", multiple=True, metavar="SECTION=PATIENT", help="A section's patient (repeatable), e.g. --patient C2=C.")
+@click.option("--patient-column", metavar="KEY", help="Read each .h5ad section's patient from this obs column (one value) or uns entry.")
+@click.option("--platform", help=PLATFORM_HELP)
 @click.option(
     "--markers",
     default=",".join(("FASN", "SCD", "KRT8", "CD74", "MGP", "IGKC", "VIM", "MUC1")),
@@ -369,7 +475,11 @@ def train(references, db, platform, image, mpp, spot_table, log_normalised, devi
 )
 @click.option("--k", type=int, help="Neighbours averaged per spot (default: the model's retrieval settings, --retrieval).")
 @click.option(
-    "--baselines/--no-baselines", default=True, show_default=True, help="Also score mean expression, colour retrieval, frozen-feature retrieval and ridge."
+    "--baselines/--no-baselines",
+    default=True,
+    show_default=True,
+    help="Also score mean expression, colour retrieval, frozen-feature retrieval, ridge (penalty by inner CV) "
+    "and, for context only, depth-only (reads the truth's total counts).",
 )
 @click.option("--out", type=click.Path(dir_okay=False), help="Write held-out predictions and truth (.parquet), keyed by section, system, spot.")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
@@ -379,18 +489,31 @@ def train(references, db, platform, image, mpp, spot_table, log_normalised, devi
 @training_options
 @device_option
 @handle_errors
-def evaluate(references, holdouts, platform, markers, k, baselines, out, as_json, mpp, log_normalised, cache, device, **kwargs):
-    """Leave-one-section-out evaluation: per-gene Pearson r on held-out spots (HEG-50, HVG-50,
-    markers, all genes) and MSE, for the model and for baselines, on the same genes.
+def evaluate(
+    references, holdouts, protocol, patient_pairs, patient_column, platform, markers, k, baselines, out, as_json, mpp, log_normalised, cache, device, **kwargs
+):
+    """Held-out evaluation (leave one section, or with --protocol patient one patient, out):
+    per-gene Pearson r on held-out spots (HEG-50, HVG-50, markers, all genes) and MSE, for the
+    model and for baselines, on the same genes.
 
     Example:
 
         histoindex evaluate C2.h5ad C3.h5ad C4.h5ad C5.h5ad --platform st --genes panel.txt
+
+        histoindex evaluate C2.h5ad C3.h5ad B4.h5ad --protocol patient --patient C2=C --patient C3=C --patient B4=B
     """
+    from .evaluate import parse_patients, read_patient
+
+    patients = parse_patients(patient_pairs)
     refs = [api.read_reference(r, platform=platform, mpp=mpp, log_normalised=log_normalised) for r in references]
+    if patient_column:
+        for path, ref in zip(references, refs, strict=True):
+            patients.setdefault(ref.name, read_patient(path, patient_column, section=ref.name))
     result = api.evaluate(
         refs,
         holdouts=list(holdouts) or None,
+        protocol=protocol,
+        patients=patients or None,
         options=_train_options(kwargs),
         markers=[m.strip() for m in markers.split(",") if m.strip()],
         k=k,
@@ -410,14 +533,15 @@ def evaluate(references, holdouts, platform, markers, k, baselines, out, as_json
     for m in metrics:
         table.add_column(m, justify="right")
     for system, values in summary.items():
-        table.add_row(system, *[f"{values[m]:.3f}" for m in metrics])
+        label = f"{system} (context only: reads the truth's depth)" if system in result.config.get("context_only", ()) else system
+        table.add_row(label, *[f"{values[m]:.3f}" for m in metrics])
     Console().print(table)
 
 
 @cli.command()
 @click.argument("references", nargs=-1, required=True, type=click.Path(dir_okay=True))
 @click.option("--tissue", help="Tissue label, used as a query filter (required, except for a HEST folder: its samples' organ).")
-@click.option("--platform", help="visium, st, ... [default: visium; a HEST folder: its samples' st_technology]")
+@click.option("--platform", help=f"{PLATFORM_HELP} A HEST folder: its samples' st_technology.")
 @click.option("--species", help="[default: human; a HEST folder: its samples' species]")
 @click.option("--dataset", help="Dataset name (default: file name without extension; a HEST sample's id).")
 @click.option("--model", "model_id", help="Model to embed with (default: the one the store's spots use; the newest model if there are no spots yet).")
@@ -469,8 +593,7 @@ def ingest(
 
     embed_many = None
     if ray_address is not None:
-        from . import cluster
-
+        cluster = _ray_connect(ray_address)
         embed_many = cluster.ray_embedder(ray_address, db=db, device=device, precision=precision, log=_log)
     if len(references) > 1:
         given = [option for option, value in (("--image", image), ("--spot-table", spot_table), ("--dataset", dataset), ("--mpp", mpp)) if value is not None]
@@ -507,14 +630,15 @@ def ingest(
     else:
         if not tissue:
             raise click.UsageError("Missing option '--tissue' (the tissue label queries filter on).")
-        labels = {"tissue": tissue, "platform": platform or "visium", "species": species or "human"}
         refs = [
-            _read_reference(path, image=image, platform=labels["platform"], name=dataset, mpp=mpp, spot_table=spot_table, log_normalised=log_normalised)
+            _read_reference(path, image=image, platform=platform, name=dataset, mpp=mpp, spot_table=spot_table, log_normalised=log_normalised)
             for path in references
         ]
+        # the platform label: the one given (which each reference's lattice confirmed), else the lattice's
+        plans = [(ref, {"tissue": tissue, "platform": platform or ref.platform or "visium", "species": species or "human"}) for ref in refs]
         with ProgressBars() as bars:
             results = api.ingest_many(
-                [(ref, labels) for ref in refs], db=db, model_id=model_id, train_options=_train_options(kwargs), device=device, precision=precision,
+                plans, db=db, model_id=model_id, train_options=_train_options(kwargs), device=device, precision=precision,
                 embed_many=embed_many, progress=bars, log=_log,
             )  # fmt: skip
     for result in results:
@@ -572,6 +696,14 @@ def _expand_globs(paths) -> list[str]:
     help="File type per slide when --out is a folder.",
 )
 @click.option("--redo", is_flag=True, help="Predict slides again that were already predicted by this model against this spots version.")
+@click.option(
+    "--no-store", is_flag=True, help="Keep the predictions out of every store: write --out only (a shared, read-only reference store; no resume state)."
+)
+@click.option(
+    "--results-db",
+    metavar="URI",
+    help="Commit predictions, provenance and resume state to this store of your own (created if new) instead of --db, which is only read.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary of a many-slide query as JSON.")
 @click.option("--mpp", type=float, help="Micrometres per pixel, when the slide has none (or to override it).")
 @click.option("--as-of", help="Search the spots table as of this version (number or tag).")
@@ -588,6 +720,13 @@ def _expand_globs(paths) -> list[str]:
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option(
     "--plot", "plot_genes", multiple=True, metavar="GENE", help="Also draw this gene over the slide into <out stem>.<GENE>.png (repeatable; needs --out)."
+)
+@click.option(
+    "--genes",
+    "predict_genes",
+    metavar="GENES",
+    help="Genes to predict: FASN,ERBB2, a file of one symbol per line, or all; any gene a searched reference measured "
+    "(default: the model's training panel). A gene is averaged over the neighbours whose dataset measured it.",
 )
 @click.option(
     "--search",
@@ -608,7 +747,7 @@ def _expand_globs(paths) -> list[str]:
 @click.option(
     "--views",
     type=click.IntRange(1, 8),
-    help="Dihedral views averaged per tile (default: the model's, 8 for the default recipe); each view is one backbone pass.",
+    help=f"Dihedral views averaged per tile (default: the model's, {TrainOptions().views} for the default recipe); each view is one backbone pass.",
 )
 @db_option
 @device_option
@@ -626,6 +765,8 @@ def query(
     out,
     out_format,
     redo,
+    no_store,
+    results_db,
     as_json,
     mpp,
     as_of,
@@ -634,6 +775,7 @@ def query(
     model_id,
     batch_size,
     plot_genes,
+    predict_genes,
     search_mode,
     workers,
     ray_address,
@@ -667,17 +809,20 @@ def query(
         raise click.UsageError("--ray-actors needs --ray")
     folder = out is not None and (out.endswith("/") or (Path(out).is_dir() and Path(out).suffix.lower() != ".zarr"))  # x.zarr: one SpatialData store
     cohort = len(entries) > 1 or manifest is not None or ray_address is not None or folder
+    if no_store and not out:
+        raise click.UsageError("--no-store keeps the predictions out of every store: give --out to keep them in a file")
     if cohort:
         if spots_file or plot_genes:
             raise click.UsageError("--spots and --plot take one slide")
         if workers is not None and workers < 0:
             raise click.BadParameter("must be 0 or more", param_hint="--workers")
         options = dict(tissue=tissue, platform=platform, species=species, where=where, k=k, as_of=as_of, model_id=model_id, device=device,
-                       search_mode=search_mode, precision=precision, views=views, stride_um=stride_um, smooth=smooth)  # fmt: skip
+                       search_mode=search_mode, precision=precision, views=views, stride_um=stride_um, smooth=smooth, genes=predict_genes,
+                       results_db=results_db, no_store=no_store)  # fmt: skip
+        _log(f"query of {len(entries)} slide(s): " + ("starting Ray, " if ray_address is not None else "") + "opening the store, loading the model…")
         with ProgressBars() as bars:
             if ray_address is not None:
-                from . import cluster
-
+                cluster = _ray_connect(ray_address)
                 result = cluster.query_cohort(
                     entries, db=db, address=ray_address, actors=ray_actors, out_dir=out, out_format=out_format, redo=redo, mpp=mpp, workers=workers,
                     batch_size=batch_size, progress=bars, log=_log, **options,
@@ -727,14 +872,16 @@ def query(
             views=views,
             stride_um=stride_um,
             smooth=smooth,
+            genes=predict_genes,
+            results_db=results_db,
+            no_store=no_store,
             keep_predictions=False,
             progress=bars,
             log=_log,
         )
     target = f" → {result.out}" if result.out else ""
-    click.echo(
-        f"{result.n_tiles} tiles × {len(result.genes)} genes, run {result.run_id}, spots@{result.spots_version}, predictions@{result.predictions_version}{target}"
-    )
+    kept = "not stored (--no-store)" if no_store else f"predictions@{result.predictions_version}" + (f" in {results_db}" if results_db else "")
+    click.echo(f"{result.n_tiles} tiles × {len(result.genes)} genes, run {result.run_id}, spots@{result.spots_version}, {kept}{target}")
     for picture in result.plots:
         click.echo(picture)
 
@@ -980,20 +1127,19 @@ def info(db):
         histoindex info --db liver.db
     """
     summary = api.info(db=db)
-    out = Console()
-    out.print(f"store: {summary['uri']}")
+    shown: list = [f"store: {summary['uri']}"]
     tables = Table(title="tables")
     for column in ("table", "version", "rows", "indexes"):
         tables.add_column(column)
     for name, t in summary["tables"].items():
         tables.add_row(name, str(t["version"]), str(t["rows"]), ", ".join(t["indexes"]))
-    out.print(tables)
+    shown.append(tables)
     models = Table(title="models")
     for column in ("model_id", "method", "backbone", "genes", "trained_on", "created_at"):
         models.add_column(column)
     for m in summary["models"]:
         models.add_row(m["model_id"], m["method"], m["backbone"], str(m["genes"]), ", ".join(m["trained_on"]), str(m["created_at"])[:19])
-    out.print(models)
+    shown.append(models)
     for m in summary["models"]:  # how each answers a query, and whether training paid inside its sections
         r = m["retrieval"]
         line = f"{m['model_id']}: {m['views']} view(s) per tile, k {r['k']}, " + (f"softmax tau {r['tau']:g}" if r["tau"] else "plain mean")
@@ -1001,7 +1147,7 @@ def info(db):
         if m["inner_check"]:
             check = m["inner_check"]
             line += f"; inner check: trained {check['trained']:.3f} vs frozen retrieval {check['frozen']:.3f}"
-        out.print(line, soft_wrap=True)
+        shown.append(line)
     for m in summary["models"]:  # the spots of each model: separate embedding spaces, searched apart
         if not m["datasets"]:
             continue
@@ -1010,7 +1156,20 @@ def info(db):
             datasets.add_column(column)
         for row in m["datasets"]:
             datasets.add_row(*map(str, row.values()))
-        out.print(datasets)
+        shown.append(datasets)
+    out = _stdout_console(*[t for t in shown if isinstance(t, Table)])
+    for item in shown:
+        out.print(item, soft_wrap=isinstance(item, str))
+
+
+def _stdout_console(*tables: Table) -> Console:
+    """A console on stdout: the terminal's width, or (a pipe, a log) as wide as ``tables`` need, so
+    nothing (a model id) is cut short with an ellipsis where a script reads it."""
+    out = Console()
+    if out.is_terminal or not tables:
+        return out
+    unbounded = Console(width=100_000)
+    return Console(width=max(80, *(unbounded.measure(t).maximum for t in tables)))
 
 
 @cli.command()
@@ -1055,20 +1214,29 @@ def delete(dataset, model_id, db):
 
 @cli.command()
 @click.option("--keep-versions", type=int, help="Keep the N newest versions of each table (the current one included).")
-@click.option("--older-than", "older_than_days", type=float, help="Remove versions older than DAYS days (default 7 without --keep-versions).")
+@click.option(
+    "--older-than",
+    "older_than_days",
+    type=float,
+    help="Remove only versions replaced more than DAYS days ago (default 7; with --keep-versions, 1 hour: "
+    "a running command may still read a version it opened; 0 when nothing else uses the store).",
+)
 @click.option("--force", is_flag=True, help="Also remove tagged versions and spots versions that stored predictions searched (deleting their tags).")
 @db_option
 @handle_errors
 def compact(keep_versions, older_than_days, force, db):
     """Compact the tables' data files and remove old versions. Tagged versions (ingest-…, restore-of-…)
     and spots versions that stored predictions searched (tagged pinned-by-predictions-vN) are kept
-    unless --force, so `query --as-of` still reproduces every stored prediction.
+    unless --force, so `query --as-of` still reproduces every stored prediction. A version replaced
+    less than an hour ago is never removed unless --older-than says less: a query or ingest running
+    beside compact may still be reading it.
 
     Example:
 
     \b
         histoindex compact --keep-versions 5 --db liver.db
         histoindex compact --older-than 30 --db liver.db
+        histoindex compact --keep-versions 1 --older-than 0 --db liver.db   # nothing else running
     """
     for t in api.compact(db=db, keep_versions=keep_versions, older_than_days=older_than_days, force=force):
         parts = [f"{t.table}@{t.version}: " + (f"compacted ({t.fragments_removed} → {t.fragments_added} fragments)" if t.compacted else "nothing to compact")]
@@ -1083,7 +1251,11 @@ def compact(keep_versions, older_than_days, force, db):
 
 
 @cli.command()
-@click.option("--workdir", type=click.Path(file_okay=False), default="histoindex-demo", show_default=True)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False),
+    help="Folder to write into (recreated if a demo made it; new or empty otherwise). [default: a new temporary folder]",
+)
 @device_option
 @handle_errors
 def demo(workdir, device):
@@ -1094,7 +1266,7 @@ def demo(workdir, device):
 
         histoindex demo --workdir /tmp/histoindex-demo
     """
-    _log(f"histoindex demo in {workdir}: loading the libraries")  # the first import takes seconds
+    _log(f"histoindex demo in {workdir or 'a new temporary folder'}: loading the libraries")  # the first import takes seconds
     from .demo import run_demo
 
     with ProgressBars() as bars:
@@ -1103,7 +1275,7 @@ def demo(workdir, device):
         f"held-out section ({result.n_heldout_spots} spots): mean per-gene Pearson r {result.heldout_r:.3f} "
         f"(signature genes {result.heldout_r_markers:.3f}; a constant predictor scores 0)\n"
         f"held-out MSE: model {result.mse_model:.3f} vs constant (training mean) {result.mse_constant:.3f}\n"
-        f"store: {result.db}  |  {result.seconds:.0f} s"
+        f"files and store in {result.db.parent}  |  {result.seconds:.0f} s"
     )
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from . import api
+from .config import rate_text
 from .errors import InputError, StoreError
 from .store import Store
 
@@ -40,21 +41,35 @@ def _ray():
     return ray
 
 
-def connect(address: str, *, num_cpus: int | None = None):
+def connect(address: str, *, num_cpus: int | None = None, verbose: bool = False):
     """Join a Ray cluster: ``local`` starts a Ray instance on this machine, ``auto`` joins the
     cluster this machine belongs to, anything else is the head's address (``ray://host:10001`` or
-    ``host:6379``). A Ray already initialised in this process is used as it is."""
+    ``host:6379``). A Ray already initialised in this process is used as it is. Unless ``verbose``
+    (``histoindex -v``), Ray's start-up notices (its token-authentication notice) and the warnings
+    its process launches raise (LanceDB's and Polars' fork-safety warnings: Ray's processes exec a
+    fresh program, so they share no state with this one) are kept quiet."""
+    import logging
+    import warnings
+
     ray = _ray()
     if ray.is_initialized():
         return ray
-    if address == "local":
-        # workers must import histoindex from the same environment; the dashboard is not needed
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False)
-    else:
+    ray_logger = logging.getLogger("ray")
+    level = ray_logger.level
+    with warnings.catch_warnings():
+        if not verbose:
+            warnings.filterwarnings("ignore", message=r".*\bfork", category=RuntimeWarning)
+            ray_logger.setLevel(logging.ERROR)
         try:
-            ray.init(address=address, configure_logging=False, log_to_driver=False)
+            if address == "local":
+                # workers must import histoindex from the same environment; the dashboard is not needed
+                ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False)
+            else:
+                ray.init(address=address, configure_logging=False, log_to_driver=False)
         except ConnectionError as exc:
             raise InputError(f"--ray {address}: no Ray cluster there ({exc}); use --ray local to start one on this machine") from None
+        finally:
+            ray_logger.setLevel(level)
     return ray
 
 
@@ -111,7 +126,13 @@ def query_cohort(
     spots = store.table("spots", version=int(as_of) if as_of is not None and str(as_of).isdigit() else as_of)  # as open_query reads it
     record = store.query_model(version=spots.version, model_id=options.pop("model_id", None))
     model_id, spots_version = record.model_id, spots.version
-    todo, skipped = api.plan_cohort(store, entries, outs, model_id=model_id, spots_version=spots_version, redo=redo, log=log)
+    results = api.open_results(store, results_db=options.get("results_db"), no_store=bool(options.get("no_store")))
+    asked = {name: options.get(name) for name in api.ANSWER_OPTIONS}
+    genes = api.predicted_genes(options.get("genes"), record.cfg.genes)  # as each actor's open_query resolves them
+    asked["genes"] = list(genes) if genes is not None else None
+    if results is not None and results is not store:
+        asked["reference_db"] = store.uri
+    todo, skipped = api.plan_cohort(results, entries, outs, model_id=model_id, spots_version=spots_version, options=asked, redo=redo, mpp=mpp, log=log)
     result = api.CohortResult(skipped=skipped)
     if not todo:
         return result
@@ -150,12 +171,15 @@ def query_cohort(
                     pool.remove(actor)
                     pool.append(remote.remote(str(db), options, batch_size, workers, device))
             rows = [r.rows for r in finished if r.rows is not None]
-            version = store.add_predictions(pa.concat_tables(rows)) if rows else store.table("predictions").version
+            if results is None:  # --no-store: the files are the answer
+                version = -1
+            else:
+                version = results.add_predictions(pa.concat_tables(rows)) if rows else results.table("predictions").version
             for r in finished:
                 tiles += r.n_tiles
                 result.predicted.append(replace(r, predictions_version=version, rows=None))
                 rate = tiles / (time.perf_counter() - started)
-                log(f"{r.slide}: {r.n_tiles} tiles in {r.seconds:.1f} s; predictions@{version} (cohort: {done}/{len(todo)} slides, {rate:.0f} tiles/s)")
+                log(f"{r.slide}: {r.n_tiles} tiles in {r.seconds:.1f} s; predictions@{version} (cohort: {done}/{len(todo)} slides, {rate_text(rate, 'tiles')})")
             if progress is not None:
                 progress("slides", done, len(todo))
     finally:

@@ -129,3 +129,9 @@ class ModelConfig:
             if values.get(optional) is None:
                 values.pop(optional, None)
         return cls(**values)
+
+
+def rate_text(rate: float, unit: str) -> str:
+    """A rate as logs and progress lines write it: ``12 tiles/s``, ``3.4 tiles/s``, ``0.25 tiles/s``,
+    ``0.0042 tiles/s`` (decimals where the integer part says little: a slow CPU is not "0 tiles/s")."""
+    return (f"{rate:,.{0 if rate >= 10 else 1}f}" if rate >= 1 else f"{rate:.2g}") + f" {unit}/s"

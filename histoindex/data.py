@@ -58,6 +58,8 @@ class SpotSet:
     image: the H&E image the positions refer to.
     spot_diameter_px: ``spot_diameter_fullres`` in full-resolution pixels, if known.
     mpp_source: where ``mpp`` came from (``--mpp``, image metadata, spot pitch, spot diameter).
+    platform: the platform the spot layout was read as (``visium``, ``st``; see
+        :mod:`histoindex.io.pixelsize`), if known.
     values_source: where ``X`` came from in the file (``X``, ``layers['counts']``, ``.raw``, ...).
     gene_aliases: a second name per gene, when the file has one (Space Ranger's Ensembl ids beside
         the symbols, or the symbols beside Ensembl-id var_names): a model's genes match either.
@@ -76,6 +78,7 @@ class SpotSet:
     mpp_source: str = ""
     values_source: str = "X"
     gene_aliases: np.ndarray | None = field(default=None, repr=False)
+    platform: str | None = None
 
     def __post_init__(self) -> None:
         n_obs, n_vars = self.X.shape
@@ -144,6 +147,22 @@ class SpotSet:
         X = X.astype(np.float32)
         return np.log1p(X) if self.is_counts else X
 
+    def profiles(self):
+        """Every gene's expression as :meth:`normalized` computes it (the same float32 numbers),
+        as a scipy CSR matrix holding only the non-zero values: a reference's imputation panel."""
+        import scipy.sparse as sp
+
+        X = self.X
+        if self.is_counts:
+            totals = np.asarray(X.sum(axis=1)).ravel().astype(np.float64)
+            totals[totals == 0] = 1.0
+            X = sp.diags(1e4 / totals) @ X if sp.issparse(X) else X * (1e4 / totals)[:, None]
+        X = sp.csr_matrix(X).astype(np.float32)
+        if self.is_counts:
+            X.data = np.log1p(X.data)
+        X.eliminate_zeros()
+        return X
+
 
 def _repeated(names) -> list[str]:
     seen: set[str] = set()
@@ -180,6 +199,35 @@ def check_genes_present(genes, available, *, where: str, aliases=None) -> None:
         f"{where} lacks {len(missing)} of the model's {len(genes)} genes ({shown}); every reference spot needs all of them "
         "(they make its expression embedding and the profile averaged into predictions). Ingest it under a model trained on "
         "genes it has (histoindex train --genes FILE, then ingest --model ID)"
+    )
+
+
+#: the least fraction of a model's genes a reference must measure to be embedded: below it the
+#: zero-filled expression embedding (the key a spot is found by) stands for too little of the spot
+MIN_PANEL_OVERLAP = 0.5
+#: platforms that measure the whole transcriptome: a gene left out of their matrix (a filtered
+#: matrix drops genes with no counts) is a measured zero; any other platform (xenium, cosmx,
+#: merscope, ...) is a targeted panel, where a gene it lacks was not measured
+WHOLE_TRANSCRIPTOME = ("visium", "visium-hd", "st", "slide-seq", "stereo-seq", "synthetic")
+
+
+def is_whole_transcriptome(platform: str | None) -> bool:
+    return str(platform or "").strip().lower().replace(" ", "-").replace("_", "-") in WHOLE_TRANSCRIPTOME
+
+
+def check_panel_overlap(genes, available, *, where: str, aliases=None) -> list[str]:
+    """The model's ``genes`` that ``available`` lacks, when it has at least
+    :data:`MIN_PANEL_OVERLAP` of them; below that an error naming the missing genes."""
+    missing = [g for g in genes if g not in available]
+    if len(genes) - len(missing) >= MIN_PANEL_OVERLAP * len(genes):
+        return missing
+    if len(missing) == len(genes):
+        check_genes_present(genes, available, where=where, aliases=aliases)  # says how each side names genes
+    shown = ", ".join(missing[:10]) + (f", … ({len(missing)} in all)" if len(missing) > 10 else "")
+    raise InputError(
+        f"{where} lacks {len(missing)} of the model's {len(genes)} genes ({shown}): a reference must measure at least "
+        f"{MIN_PANEL_OVERLAP:.0%} of them, or its expression embedding (the key its spots are found by) stands for too little of it. "
+        "Ingest it under a model trained on genes it has (histoindex train --genes FILE, then ingest --model ID)"
     )
 
 
@@ -239,20 +287,32 @@ class DatasetStats:
 
     @classmethod
     def from_sums(cls, count: np.ndarray, total: np.ndarray, squares: np.ndarray) -> DatasetStats:
-        """From per-dataset row counts (d,), sums (d, genes) and sums of squares (d, genes)."""
-        count = np.asarray(count, np.float64)[:, None]
-        mean = total / count
-        var = np.maximum(squares / count - mean**2, 0.0)
-        pooled_mean = total.sum(axis=0) / count.sum()
-        pooled_var = np.maximum(squares.sum(axis=0) / count.sum() - pooled_mean**2, 0.0)
+        """From per-dataset row counts (d,) or (d, genes) (the rows that measured each gene), sums
+        (d, genes) and sums of squares (d, genes). A gene a dataset did not measure (count 0) has a
+        NaN mean and sd there; the pooled ones are over the rows that measured it."""
+        count = np.asarray(count, np.float64)
+        count = count[:, None] if count.ndim == 1 else count
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mean = total / count
+            var = np.maximum(squares / count - mean**2, 0.0)
+            pooled = count.sum(axis=0)
+            pooled_mean = total.sum(axis=0) / pooled
+            pooled_var = np.maximum(squares.sum(axis=0) / pooled - pooled_mean**2, 0.0)
         return cls(mean, np.sqrt(var), pooled_mean, np.sqrt(pooled_var))
 
     @classmethod
     def of(cls, values: np.ndarray, codes: np.ndarray) -> DatasetStats:
-        """Of in-memory profiles ``values`` whose rows belong to datasets ``codes`` (0..d-1)."""
+        """Of in-memory profiles ``values`` (NaN: not measured) whose rows belong to datasets
+        ``codes`` (0..d-1)."""
         d = int(codes.max()) + 1 if len(codes) else 0
         values = np.asarray(values, np.float64)
-        count = np.bincount(codes, minlength=d)
+        measured = ~np.isnan(values)
+        if measured.all():
+            count = np.bincount(codes, minlength=d)
+        else:
+            count = np.zeros((d, values.shape[1]))
+            np.add.at(count, codes, measured)
+            values = np.where(measured, values, 0.0)
         total = np.zeros((d, values.shape[1]))
         squares = np.zeros_like(total)
         np.add.at(total, codes, values)
@@ -260,8 +320,11 @@ class DatasetStats:
         return cls.from_sums(count, total, squares)
 
     def to_z(self, values: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """Profiles as z-scores of their dataset's gene means and sds; NaN (not measured) stays NaN."""
         sd = self.sd[codes]
-        return np.where(sd > 0, (values - self.mean[codes]) / np.where(sd > 0, sd, 1.0), 0.0).astype(np.float32)
+        with np.errstate(invalid="ignore"):
+            z = np.where(sd > 0, (values - self.mean[codes]) / np.where(sd > 0, sd, 1.0), 0.0)
+        return np.where(np.isnan(values), np.nan, z).astype(np.float32)
 
     def from_z(self, z: np.ndarray) -> np.ndarray:
         """Back to the references' scale; clipped at 0, where log1p expression ends."""

@@ -40,3 +40,20 @@ class HistoindexWarning(UserWarning):
 
 class LowResolutionImageWarning(HistoindexWarning):
     """Only a downscaled (hires) image was available; patches are upsampled from it."""
+
+
+class PixelSizeWarning(HistoindexWarning):
+    """A section's pixel-size sources disagree by more than 10 %: which one was used, and why."""
+
+
+def one_line(exc: BaseException) -> str:
+    """A library's message in one line: its first non-empty line, without the Rust source location
+    Lance appends (``…, /path/src/local.rs:273:40``); the exception's type when it says nothing."""
+    import re
+
+    text = str(exc)
+    if isinstance(exc, KeyError) and len(exc.args) == 1:
+        text = str(exc.args[0])
+    text = re.sub(r",?\s*(?:at )?/\S+\.rs:\d+(?::\d+)?", "", text)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__

@@ -9,21 +9,27 @@ from __future__ import annotations
 
 import hashlib
 import os
+import resource
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .baselines import mean_colour, retrieval_mean, ridge_on_features  # noqa: F401  (also importable from here)
+from .baselines import depth_only, mean_colour, retrieval_mean, ridge_cv, ridge_on_features, spatial_blocks  # noqa: F401  (also importable from here)
 from .data import SpotSet
 from .errors import InputError
 from .metrics import gene_sets, mse, pearson_per_gene, score  # noqa: F401  (gene_sets, score: also importable from here)
 
 #: default marker genes for breast tissue (HER2ST-style MG-8)
 BREAST_MARKERS = ("FASN", "SCD", "KRT8", "CD74", "MGP", "IGKC", "VIM", "MUC1")
-BASELINES = ("neighbour-mean", "mean", "colour-retrieval", "frozen-retrieval", "frozen-retrieval+", "frozen-ridge")
+BASELINES = ("neighbour-mean", "mean", "colour-retrieval", "frozen-retrieval", "frozen-retrieval+", "frozen-ridge", "depth-only")
+#: systems reported for context only, never competitors: "depth-only" reads each held-out spot's
+#: total counts, which only the truth knows
+CONTEXT_ONLY = ("depth-only",)
+PROTOCOLS = ("section", "patient")
 #: the retrieval baselines' k (BLEEP's); "frozen-retrieval+" uses the model's retrieval settings instead
 BASELINE_K = 50
 
@@ -55,6 +61,10 @@ class FoldResult:
     epochs: int = 0
     inner_check: dict | None = None  # what training's inner check found (recipe.inner_check)
     method: str = ""  # the method of the model scored (frozen when training fell back)
+    patient: str | None = None  # the held-out section's patient, when known
+    ridge: dict | None = None  # the ridge probe's penalty, chosen by inner CV (baselines.ridge_cv)
+    answer_seconds: float = 0.0  # embedding, answering and scoring this section (training apart)
+    peak_rss_mb: float = 0.0  # the process's peak resident memory when the fold ended
 
 
 @dataclass
@@ -102,6 +112,10 @@ class Evaluation:
                         "epochs",
                         "inner_check",
                         "method",
+                        "patient",
+                        "ridge",
+                        "answer_seconds",
+                        "peak_rss_mb",
                     )
                 }
                 for f in self.folds
@@ -109,10 +123,98 @@ class Evaluation:
         }
 
 
+def held_out_groups(
+    names: Sequence[str], *, protocol: str = "section", patients: Mapping[str, str] | None = None, holdouts: Sequence[str] | None = None
+) -> list[tuple[str | None, list[str]]]:
+    """The folds' held-out groups, each ``(patient, [sections])``: one section at a time under the
+    section protocol (``holdouts``: section names), every section of one patient together under
+    the patient protocol (``holdouts``: patient names; default each patient in turn). Patients are
+    never guessed: the patient protocol needs one for every section."""
+    if protocol not in PROTOCOLS:
+        raise InputError(f"--protocol {protocol}: expected one of {', '.join(PROTOCOLS)}")
+    patients = dict(patients or {})
+    unknown = [s for s in patients if s not in names]
+    if unknown:
+        raise InputError(f"--patient {', '.join(f'{s}={patients[s]}' for s in unknown)}: no such section; the sections are {', '.join(names)}")
+    if protocol == "section":
+        holdouts = list(holdouts) if holdouts else list(names)
+        missing = [h for h in holdouts if h not in names]
+        if missing:
+            raise InputError(f"--holdout {', '.join(missing)} is not among the sections: {', '.join(names)}")
+        return [(patients.get(h), [h]) for h in holdouts]
+    if not patients:
+        raise InputError("--protocol patient needs each section's patient: --patient SECTION=PATIENT (repeatable) or --patient-column KEY")
+    missing = [n for n in names if n not in patients]
+    if missing:
+        raise InputError(f"--protocol patient: no patient for section(s) {', '.join(missing)}; add --patient {missing[0]}=PATIENT")
+    order = list(dict.fromkeys(patients[n] for n in names))
+    if len(order) < 2:
+        raise InputError(f"--protocol patient needs sections of at least two patients; every section is patient {order[0]}")
+    holdouts = list(holdouts) if holdouts else order
+    wrong = [h for h in holdouts if h not in order]
+    if wrong:
+        said = [f"{h} (a section of patient {patients[h]})" if h in patients else h for h in wrong]
+        raise InputError(f"--holdout under --protocol patient names patients ({', '.join(order)}), not {', '.join(said)}")
+    return [(p, [n for n in names if patients[n] == p]) for p in holdouts]
+
+
+def parse_patients(pairs: Sequence[str]) -> dict[str, str]:
+    """``SECTION=PATIENT`` pairs (``--patient``) as a mapping; a section given twice must agree."""
+    patients: dict[str, str] = {}
+    for pair in pairs:
+        section, sep, patient = (part.strip() for part in pair.partition("="))
+        if not (sep and section and patient):
+            raise InputError(f"--patient {pair}: expected SECTION=PATIENT, e.g. --patient C2=C")
+        if patients.get(section, patient) != patient:
+            raise InputError(f"--patient gives section {section} two patients: {patients[section]} and {patient}")
+        patients[section] = patient
+    return patients
+
+
+def read_patient(path: str | Path, key: str, *, section: str) -> str:
+    """The patient a reference file names under ``key``: an obs column holding one value for every
+    spot, or a uns entry (.h5ad files only)."""
+    import anndata as ad
+
+    path = Path(path)
+    if path.suffix != ".h5ad":
+        raise InputError(f"--patient-column reads .h5ad files' obs or uns; give {section}'s patient with --patient {section}=PATIENT ({path})")
+    adata = ad.read_h5ad(path, backed="r")
+    try:
+        if key in adata.obs.columns:
+            values = sorted(set(map(str, adata.obs[key].dropna())))
+            if len(values) != 1:
+                raise InputError(
+                    f"--patient-column {key}: {path} holds {len(values)} patients in obs[{key!r}] ({', '.join(values[:5])}); one section, one patient"
+                )
+            return values[0]
+        if key in adata.uns:
+            value = adata.uns[key]
+            return str(value.item() if hasattr(value, "item") else value)
+    finally:
+        adata.file.close()
+    raise InputError(f"--patient-column {key}: section {section} ({path}) has no obs column or uns entry {key!r}")
+
+
+def total_counts(ref: SpotSet) -> np.ndarray | None:
+    """Each spot's total counts (its sequencing depth), when the section holds raw counts."""
+    if not ref.is_counts:
+        return None
+    return np.asarray(ref.X.sum(axis=1), np.float64).ravel()
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, MB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
 def evaluate(
     references: Sequence[SpotSet],
     *,
     holdouts: Sequence[str] | None = None,
+    protocol: str = "section",
+    patients: Mapping[str, str] | None = None,
     options=None,
     markers: Sequence[str] = BREAST_MARKERS,
     k: int | None = None,
@@ -122,14 +224,22 @@ def evaluate(
     cache: str | Path | None = None,
     log: Callable[[str], None] = lambda _: None,
 ) -> Evaluation:
-    """Leave each of ``holdouts`` (default: every section) out in turn: train on the others with
-    ``options`` (:class:`~histoindex.recipe.TrainOptions`, any method), predict the held-out spots
-    by retrieval exactly as ``ingest`` + ``query --spots`` do, and score model and baselines on the
-    same genes. ``k`` overrides the model's retrieval k (its settings: the recipe's ``retrieval``).
-    Baselines: the training mean; colour, frozen-feature and ridge on frozen features (BLEEP's
-    plain top-50 mean); "frozen-retrieval+", frozen features answered with the model's retrieval
-    settings (what the retrieval settings alone give, without training); "neighbour-mean", the
-    model's predictions averaged over each held-out spot's graph neighbourhood. ``cache``: a folder where the frozen backbone's features of each section are kept
+    """Hold sections out in turn: train on the others with ``options``
+    (:class:`~histoindex.recipe.TrainOptions`, any method), predict the held-out spots by retrieval
+    exactly as ``ingest`` + ``query --spots`` do, and score model and baselines on the same genes.
+    ``protocol``: "section" holds out each of ``holdouts`` (default: every section) alone;
+    "patient" holds out every section of one patient together (``patients``: section name →
+    patient; ``holdouts``: patient names, default each in turn): the model, the gene panel and
+    every baseline are fitted on the other patients' sections only, and each held-out section is
+    scored as its own fold. ``k`` overrides the model's retrieval k (its settings: the recipe's
+    ``retrieval``). Baselines: the training mean; colour, frozen-feature retrieval (BLEEP's plain
+    top-50 mean); "frozen-retrieval+", frozen features answered with the model's retrieval
+    settings (what the retrieval settings alone give, without training); "frozen-ridge", the
+    HEST-Benchmark ridge probe on frozen features with its penalty chosen by inner CV across
+    training patients (else sections, else spatial blocks of the one section); "neighbour-mean",
+    the model's predictions averaged over each held-out spot's graph neighbourhood; and, for
+    context only (:data:`CONTEXT_ONLY`: it reads the truth's depth), "depth-only": each held-out
+    spot's log total counts regressed to the genes on the training spots. ``cache``: a folder where the frozen backbone's features of each section are kept
     between runs (keyed by the section's spots, the backbone, its weights, the patch geometry and
     the precision), so that comparing recipes does not recompute them."""
     from .baselines import graph_smoothed
@@ -145,12 +255,14 @@ def evaluate(
     names = [r.name for r in references]
     if len(set(names)) != len(names):
         raise InputError(f"section names repeat: {', '.join(names)}")
-    holdouts = list(holdouts) if holdouts else names
-    unknown = [h for h in holdouts if h not in names]
-    if unknown:
-        raise InputError(f"--holdout {', '.join(unknown)} is not among the sections: {', '.join(names)}")
+    groups = held_out_groups(names, protocol=protocol, patients=patients, holdouts=holdouts)
     if len(references) < 2:
         raise InputError("evaluation needs at least two sections: one to hold out, one to train on")
+    patients = dict(patients or {})
+    depths = {r.name: total_counts(r) for r in references}
+    with_depth = baselines and all(d is not None for d in depths.values())
+    if baselines and not with_depth:
+        log("depth-only baseline skipped: some sections hold log-normalised values, not raw counts")
     torch_device = resolve_device(device)
     precision = resolve_precision(precision, torch_device)  # what train, ingest and query use here
 
@@ -179,15 +291,17 @@ def evaluate(
                 os.replace(path.with_suffix(".tmp.npy"), path)
     del frozen
     folds = []
-    for holdout in holdouts:
-        test = references[names.index(holdout)]
-        train = [r for r in references if r.name != holdout]
+    for patient, held_names in groups:
+        tests = [references[names.index(h)] for h in held_names]
+        train = [r for r in references if r.name not in held_names]
         started = time.perf_counter()
-        # genes chosen on the training sections only, among those the held-out section measures
-        cfg = model_config(train, options, genes_among=list(test.var_names))
+        # genes chosen on the training sections only, among those every held-out section measures
+        measured = set.intersection(*(set(map(str, t.var_names)) for t in tests))
+        cfg = model_config(train, options, genes_among=[g for g in map(str, tests[0].var_names) if g in measured])
         genes = list(cfg.genes)
         method = get_method(cfg.method)
-        log(f"fold {holdout}: training {cfg.method} on {', '.join(r.name for r in train)} ({sum(r.n_obs for r in train)} spots, {len(genes)} genes)")
+        what = f"patient {patient} ({', '.join(held_names)})" if protocol == "patient" else held_names[0]
+        log(f"fold {what}: training {cfg.method} on {', '.join(r.name for r in train)} ({sum(r.n_obs for r in train)} spots, {len(genes)} genes)")
         cached = [features[r.name] for r in train] if cfg.freeze_backbone else None
         result = train_model(
             train, cfg, weights=cfg.weights or None, device=torch_device, features=cached, precision=precision, check=options.inner_check,
@@ -195,7 +309,7 @@ def evaluate(
         )  # fmt: skip
         train_seconds = time.perf_counter() - started - result.metrics.get("inner_check", {}).get("seconds", 0.0)
         if "inner_check" in result.metrics:
-            log(f"fold {holdout}: {describe_inner_check(result.metrics['inner_check'], fallback='fallback' in result.metrics)}")
+            log(f"fold {what}: {describe_inner_check(result.metrics['inner_check'], fallback='fallback' in result.metrics)}")
         cfg, method = result.cfg, get_method(result.cfg.method)  # the frozen-retrieval model when training fell back
         model = result.model.to(torch_device).eval()
         views = max(cfg.views, 1)
@@ -204,59 +318,87 @@ def evaluate(
         else:
             view_features = {
                 r.name: np.concatenate(list(iter_image_features(model, batched(patches[r.name], 64), device=torch_device, precision=precision)))
-                for r in (*train, test)
+                for r in (*train, *tests)
             }
 
         # exactly ingest → query --spots: each training section embedded as a reference (its own
         # graph for a graph method), the held-out spots as queries, exact top-k, mean profile
         refs = [TrainSection(r.name, r.normalized(genes), r.xy * r.mpp, features=view_features[r.name]) for r in train]
         train_expr = np.concatenate([r.expression for r in refs])
-        truth = test.normalized(genes)
-        test_xy_um = test.xy * test.mpp
         retrieval = cfg.retrieval_settings.replace(k=k)
-        held = TrainSection(test.name, truth, test_xy_um, features=view_features[holdout])
-        predicted, profiles = answer_held_out(method, model, refs, held, retrieval, device=torch_device)
-        predictions = {"histoindex": predicted}
-
+        fitted: dict = {}  # baselines fitted once per training set, answered for each held-out section
         if baselines:
             train_patches = np.concatenate([patches[r.name] for r in train])
-            predictions["neighbour-mean"] = graph_smoothed(predictions["histoindex"], test.xy * test.mpp)
-            predictions["mean"] = np.broadcast_to(train_expr.mean(axis=0), truth.shape).copy()
-            predictions["colour-retrieval"] = retrieval_mean(
-                mean_colour(patches[holdout]), mean_colour(train_patches), train_expr, BASELINE_K, metric="euclidean"
-            )
             f_train = np.concatenate([features[r.name][:, :views].mean(axis=1) for r in train])
-            f_test = features[holdout][:, :views].mean(axis=1)
-            predictions["frozen-retrieval"] = retrieval_mean(f_test, f_train, train_expr, BASELINE_K)
-            predictions["frozen-retrieval+"] = answer_spots(unit_rows(f_test), unit_rows(f_train), profiles, retrieval, test_xy_um)
-            predictions["frozen-ridge"] = ridge_on_features(f_train, train_expr, f_test)
+            fitted["colour"] = mean_colour(train_patches)
+            # the ridge penalty's inner CV: across training patients where there are two, else
+            # across training sections, else across spatial blocks of the one section
+            train_patients = [patients.get(r.name) for r in train]
+            if None not in train_patients and len(set(train_patients)) > 1:
+                fitted["groups"], labels = "patients", np.repeat(train_patients, [r.n_obs for r in train])
+            elif len(train) > 1:
+                fitted["groups"], labels = "sections", np.repeat([r.name for r in train], [r.n_obs for r in train])
+            else:
+                fitted["groups"], labels = "spatial blocks", spatial_blocks(train[0].xy)
+            f_tests = [features[t.name][:, :views].mean(axis=1) for t in tests]
+            ridge_all, fitted["ridge"] = ridge_cv(f_train, train_expr, np.concatenate(f_tests), labels)
+            fitted["ridge"]["groups"] = fitted["groups"]
+            fitted["ridge_predictions"] = np.split(ridge_all, np.cumsum([len(f) for f in f_tests])[:-1])
+            if with_depth:
+                fitted["depths"] = np.concatenate([depths[r.name] for r in train])
+        for t_index, test in enumerate(tests):
+            answer_started = time.perf_counter()
+            holdout = test.name
+            truth = test.normalized(genes)
+            test_xy_um = test.xy * test.mpp
+            held = TrainSection(test.name, truth, test_xy_um, features=view_features[holdout])
+            predicted, profiles = answer_held_out(method, model, refs, held, retrieval, device=torch_device)
+            predictions = {"histoindex": predicted}
 
-        sets = gene_sets(truth, genes, markers)
-        scores = {system: score(truth, pred, sets) for system, pred in predictions.items()}
-        folds.append(
-            FoldResult(
-                holdout=holdout,
-                train_sections=[r.name for r in train],
-                n_train_spots=len(train_expr),
-                n_test_spots=test.n_obs,
-                n_genes=len(genes),
-                scores=scores,
-                spot_ids=test.obs_names,
-                genes=genes,
-                truth=truth,
-                predictions=predictions,
-                train_seconds=round(train_seconds, 1),
-                epochs=len(result.metrics["train_loss"]),
-                inner_check=result.metrics.get("inner_check"),
-                method=cfg.method,
+            if baselines:
+                predictions["neighbour-mean"] = graph_smoothed(predictions["histoindex"], test_xy_um)
+                predictions["mean"] = np.broadcast_to(train_expr.mean(axis=0), truth.shape).copy()
+                predictions["colour-retrieval"] = retrieval_mean(mean_colour(patches[holdout]), fitted["colour"], train_expr, BASELINE_K, metric="euclidean")
+                f_test = f_tests[t_index]
+                predictions["frozen-retrieval"] = retrieval_mean(f_test, f_train, train_expr, BASELINE_K)
+                predictions["frozen-retrieval+"] = answer_spots(unit_rows(f_test), unit_rows(f_train), profiles, retrieval, test_xy_um)
+                predictions["frozen-ridge"] = fitted["ridge_predictions"][t_index]
+                if with_depth:
+                    predictions["depth-only"] = depth_only(fitted["depths"], train_expr, depths[holdout])
+
+            sets = gene_sets(truth, genes, markers)
+            scores = {system: score(truth, pred, sets) for system, pred in predictions.items()}
+            folds.append(
+                FoldResult(
+                    holdout=holdout,
+                    train_sections=[r.name for r in train],
+                    n_train_spots=len(train_expr),
+                    n_test_spots=test.n_obs,
+                    n_genes=len(genes),
+                    scores=scores,
+                    spot_ids=test.obs_names,
+                    genes=genes,
+                    truth=truth,
+                    predictions=predictions,
+                    train_seconds=round(train_seconds, 1),
+                    epochs=len(result.metrics["train_loss"]),
+                    inner_check=result.metrics.get("inner_check"),
+                    method=cfg.method,
+                    patient=patient,
+                    ridge=fitted.get("ridge"),
+                    answer_seconds=round(time.perf_counter() - answer_started, 1),
+                    peak_rss_mb=peak_rss_mb(),
+                )
             )
-        )
-        log(f"fold {holdout}: " + "; ".join(f"{s} HEG {v['HEG-50']:.3f} HVG {v['HVG-50']:.3f}" for s, v in scores.items()))
+            log(f"fold {holdout}: " + "; ".join(f"{s} HEG {v['HEG-50']:.3f} HVG {v['HVG-50']:.3f}" for s, v in scores.items()))
     config = {
+        "protocol": protocol,
+        "patients": patients or None,
         "options": {k2: getattr(options, k2) for k2 in options.__dataclass_fields__},
         "k": k,
         "retrieval": cfg.retrieval_settings.replace(k=k).to_dict() if folds else None,
         "baseline_k": BASELINE_K,
+        "context_only": [s for s in CONTEXT_ONLY if with_depth],
         "markers": list(markers),
         "device": str(torch_device),
         "precision": precision,

@@ -18,6 +18,11 @@ from .errors import InputError
 #: distances are compared after rounding to this (µm), so that ties on regular grids are ties
 _DISTANCE_QUANTUM_UM = 1e-6
 
+#: graph edges reach at most this many grid pitches (:func:`grid_pitch`): a square grid's diagonals
+#: are in (√2; up to 1.68 on HER2ST, whose spot centres scatter ±8 % around the grid, so 1.5 would
+#: cut a quarter of its edges), its next ring (2) and any other piece of tissue are out
+MAX_EDGE_PITCHES = 1.75
+
 
 def _check_xy(xy_um: np.ndarray) -> np.ndarray:
     xy = np.asarray(xy_um, dtype=np.float64)
@@ -77,26 +82,50 @@ def _nearest_in_group(xy: np.ndarray, members: np.ndarray, k: int) -> np.ndarray
     return out
 
 
-def knn_indices(xy_um: np.ndarray, *, k: int = 6, groups: np.ndarray | None = None) -> np.ndarray:
+def grid_pitch(xy_um: np.ndarray) -> float:
+    """The spacing of positions (µm) on their grid: the median over positions of the distance to
+    the nearest other (distinct) position; 0.0 for fewer than two distinct positions. On a tile
+    grid with any tissue of more than one tile this is the stride; for spots, the spot spacing."""
+    from scipy.spatial import cKDTree
+
+    points = np.unique(_check_xy(xy_um), axis=0)
+    if len(points) < 2:
+        return 0.0
+    distances, _ = cKDTree(points).query(points, k=2)
+    return float(np.median(distances[:, 1]))
+
+
+def knn_indices(xy_um: np.ndarray, *, k: int = 6, groups: np.ndarray | None = None, pitch_um: float | None = None) -> np.ndarray:
     """(n, k) int64: the k nearest spots of every spot within its group, nearest first, before
-    symmetrisation; a group of m ≤ k spots lists its m − 1 others and pads with −1."""
+    symmetrisation, but none farther than :data:`MAX_EDGE_PITCHES` grid pitches (``pitch_um``, by
+    default each group's :func:`grid_pitch`; ``math.inf``: no bound): missing ones are −1 at the
+    end (a group of m ≤ k spots lists at most its m − 1 others; a lone speck of tissue, none)."""
     xy = _check_xy(xy_um)
     if k < 1:
         raise InputError(f"k must be at least 1, not {k}")
+    if pitch_um is not None and not pitch_um > 0:
+        raise InputError(f"the grid pitch must be a positive number of µm, not {pitch_um}")
     out = np.full((len(xy), k), -1, dtype=np.int64)
     for members in _group_members(groups, len(xy)):
         k_eff = min(k, len(members) - 1)
         if k_eff > 0:
-            out[members, :k_eff] = _nearest_in_group(xy, members, k_eff)
+            nearest = _nearest_in_group(xy, members, k_eff)
+            bound = MAX_EDGE_PITCHES * (grid_pitch(xy[members]) if pitch_um is None else pitch_um)
+            if np.isfinite(bound):  # the same rounded distance as the ranking: (i, j) and (j, i) agree
+                delta = xy[nearest] - xy[members][:, None, :]
+                too_far = _quantise(np.sqrt(delta[..., 0] ** 2 + delta[..., 1] ** 2)) > _quantise(bound)
+                nearest[too_far] = -1  # nearest first: the dropped ones are at the end
+            out[members, :k_eff] = nearest
     return out
 
 
-def knn_graph(xy_um: np.ndarray, *, k: int = 6, groups: np.ndarray | None = None) -> np.ndarray:
+def knn_graph(xy_um: np.ndarray, *, k: int = 6, groups: np.ndarray | None = None, pitch_um: float | None = None) -> np.ndarray:
     """(2, E) int64 edge_index of the k-nearest-neighbour graph of spot centres (µm): symmetric
     (an edge wherever either end is among the other's k nearest), with a self-loop on every spot,
-    never between groups (sections), sorted, without duplicates. Groups of at most k + 1 spots are
-    complete graphs. Ties on regular grids are broken as :func:`knn_indices` documents."""
-    neighbours = knn_indices(xy_um, k=k, groups=groups)
+    never between groups (sections) nor longer than :data:`MAX_EDGE_PITCHES` grid pitches (so
+    never across to another piece of tissue; see :func:`knn_indices`), sorted, without duplicates.
+    Ties on regular grids are broken as :func:`knn_indices` documents."""
+    neighbours = knn_indices(xy_um, k=k, groups=groups, pitch_um=pitch_um)
     n = len(neighbours)
     src = np.repeat(np.arange(n, dtype=np.int64), k)
     dst = neighbours.ravel()

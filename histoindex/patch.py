@@ -17,6 +17,8 @@ from .stain import StainTransform, check_stain, fit_macenko, sample_indices
 
 #: the finest output grid, as a fraction of the window (patch) size: ``--stride-um`` at least patch / 16
 MAX_OVERSAMPLING = 16
+#: the coarsest default output grid (``query`` without ``--stride-um``): a map a pathologist can read
+DEFAULT_MAX_STRIDE_UM = 100.0
 
 
 def open_spot_image(spots: SpotSet) -> Slide:
@@ -184,18 +186,23 @@ def tissue_mask(thumbnail: np.ndarray) -> np.ndarray:
 
 def default_stride_um(platforms: Iterable[str], patch_um: float) -> tuple[float, str]:
     """The default pitch of a query's output grid, and why: the spot pitch of the references'
-    platform (Visium 100 µm, legacy ST 200 µm; :data:`~histoindex.io.pixelsize.SPOT_PITCH_UM`)
-    when every reference searched is of that one platform, capped at the patch size; otherwise
-    (mixed platforms, or one without a known pitch) the patch size: tiles side by side, as before."""
+    platform (Visium 100 µm; :data:`~histoindex.io.pixelsize.SPOT_PITCH_UM`) when every reference
+    searched is of that one platform, else the patch size, and never coarser than the patch nor
+    than :data:`DEFAULT_MAX_STRIDE_UM` (100 µm: a legacy ST reference's 200 µm pitch would map a
+    1.5 mm section in 15 tiles; 100 µm costs what a Visium query costs)."""
     names = sorted({str(p).strip().lower() for p in platforms if p is not None})
-    if len(names) == 1:
-        pitch = SPOT_PITCH_UM.get(names[0])
-        if pitch is None:
-            return float(patch_um), f"the patch size: platform {names[0]!r} has no known spot pitch"
-        if pitch >= patch_um:
-            return float(patch_um), f"the patch size: the {names[0]} spot pitch, {pitch:g} µm, is not finer"
+    pitch = SPOT_PITCH_UM.get(names[0]) if len(names) == 1 else None
+    if pitch is not None and pitch <= min(patch_um, DEFAULT_MAX_STRIDE_UM):
         return float(pitch), f"the {names[0]} spot pitch"
-    return float(patch_um), f"the patch size: the references mix platforms ({', '.join(names)})" if names else "the patch size"
+    if pitch is not None:
+        why = f"the {names[0]} spot pitch, {pitch:g} µm, is not finer"
+    elif len(names) == 1:
+        why = f"platform {names[0]!r} has no known spot pitch"
+    else:
+        why = f"the references mix platforms ({', '.join(names)})" if names else ""
+    if patch_um <= DEFAULT_MAX_STRIDE_UM:
+        return float(patch_um), "the patch size" + (f": {why}" if why else "")
+    return DEFAULT_MAX_STRIDE_UM, f"the default's {DEFAULT_MAX_STRIDE_UM:g} µm limit" + (f": {why}" if why else "") + "; --stride-um sets another"
 
 
 def check_stride(stride_um: float, patch_um: float) -> float:

@@ -52,10 +52,12 @@ def predict(
     workers: int = 1,
     progress: Progress | None = None,
     where: str = "",
+    pitch_um: float | None = None,
 ) -> Iterator[PredictedChunk]:
     """Predict expression at every position of ``grid`` (level-0 pixels of the slide
     ``open_slide()`` opens), chunk by chunk, in grid order, as ``retrieval`` says (k, weights,
-    imputation space, spatial smoothing)."""
+    imputation space, spatial smoothing within 1.75 grid pitches: ``pitch_um``, the tile stride,
+    else the positions' spacing)."""
     cfg = model.cfg
     method = get_method(cfg.method)
     side_px = cfg.patch_um / grid.mpp
@@ -69,7 +71,7 @@ def predict(
     embeddings = method.query_encoder(model, grid.xy * grid.mpp, device=device)(features)
     imputed = (impute(search(references, queries, k=retrieval.k), references, retrieval) for queries in rechunk(embeddings, SEARCH_CHUNK))
     done = 0
-    for values in smoothed(imputed, grid.xy * grid.mpp, retrieval.smooth, retrieval.smooth_k):
+    for values in smoothed(imputed, grid.xy * grid.mpp, retrieval.smooth, retrieval.smooth_k, pitch_um=pitch_um):
         yield PredictedChunk(rows=slice(done, done + len(values)), values=values)
         done += len(values)
 

@@ -257,9 +257,10 @@ def train_model(
     ``cfg.seed`` on one device.
 
     ``progress(epoch, epochs, loss)`` is called after each epoch; ``feature_progress(done, total)``
-    as frozen-backbone features are computed. ``features``: precomputed features of the 8 dihedral
-    views of every spot, one (n_spots, 8, n_features) array per reference (or one array for all, in
-    reference order; only with ``cfg.freeze_backbone``; saves recomputing them across runs).
+    as frozen-backbone features are computed (spots done and in all, over all the references).
+    ``features``: precomputed features of the 8 dihedral views of every spot, one (n_spots, 8,
+    n_features) array per reference (or one array for all, in reference order; only with
+    ``cfg.freeze_backbone``; saves recomputing them across runs).
     ``precision``: of the frozen backbone's features (``bf16`` where queries embed in bf16, so that
     the heads learn on the features they will be given). ``on_model(model)`` is called once the
     model is built, before any spot is read (on rank 0; e.g. to time it: :func:`estimate_training`).
@@ -310,12 +311,14 @@ def train_model(
     if on_model is not None:
         on_model(model)
     sections = []
+    all_spots = sum(ref.n_obs for ref in references)
     for i, ref in enumerate(references):
         section = TrainSection(name=ref.name, expression=ref.normalized(list(cfg.genes)), xy_um=ref.xy * ref.mpp)
         if cfg.freeze_backbone:
-            section.features = (
-                features[i] if features is not None else frozen_features(model, ref, cfg, device=device, precision=precision, progress=feature_progress)
-            )
+            # one count over all sections' spots, not one restarting per section
+            before = sum(r.n_obs for r in references[:i])
+            overall = None if feature_progress is None else (lambda done, _, before=before: feature_progress(before + done, all_spots))
+            section.features = features[i] if features is not None else frozen_features(model, ref, cfg, device=device, precision=precision, progress=overall)
         else:
             stain = spot_stain(ref, stain=cfg.stain, patch_um=cfg.patch_um, patch_px=cfg.patch_px)
             section.patches = next(normalised([spot_patches(ref, patch_um=cfg.patch_um, patch_px=cfg.patch_px)], stain))
@@ -331,7 +334,14 @@ def train_model(
         "n_spots": int(sum(len(s) for s in sections)),
         "n_genes": len(cfg.genes),
         "datasets": {
-            ref.name: {"spots": ref.n_obs, "source_values": ref.source_values, "values_from": ref.values_source, "mpp": ref.mpp, "mpp_source": ref.mpp_source}
+            ref.name: {
+                "spots": ref.n_obs,
+                "source_values": ref.source_values,
+                "values_from": ref.values_source,
+                "mpp": ref.mpp,
+                "mpp_source": ref.mpp_source,
+                "platform": ref.platform,
+            }
             for ref in references
         },
         "feature_seconds" if cfg.freeze_backbone else "patch_read_seconds": round(read_seconds, 2),

@@ -17,6 +17,7 @@ profiles fit in ``EXPRESSION_CACHE_BYTES``."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,7 +52,7 @@ def plan_search(mode: str, n_candidates: int) -> str:
 def check_where(where: str) -> str:
     """``where`` if it is one self-contained boolean expression: parentheses balanced outside string
     literals and quoted names (so it cannot close the scope's parentheses and add ``OR ...``), no
-    statement separator and no comment. Returns it stripped."""
+    statement separator, no comment and no ``$`` (dollar quoting) outside them. Returns it stripped."""
     text = where.strip()
     if not text:
         raise InputError("--where is empty")
@@ -80,6 +81,8 @@ def check_where(where: str) -> str:
             raise InputError(f"--where {where!r}: ';' is not allowed; give one boolean expression")
         elif text.startswith("--", i) or text.startswith("/*", i):
             raise InputError(f"--where {where!r}: comments are not allowed; give one boolean expression")
+        elif ch == "$":  # Lance's parser reads $$…$$ / $tag$…$tag$ as a string (and $1 as a parameter)
+            raise InputError(f"--where {where!r}: '$' outside a quoted string is not allowed; quote text with '...' ('' for a quote inside)")
         i += 1
     if depth:
         raise InputError(f"--where {where!r}: {depth} unclosed '('; give one boolean expression")
@@ -160,8 +163,13 @@ class References:
     ``EXPRESSION_CACHE_BYTES``. ``ann``: nothing is read up front but the count. In both, the
     profiles of hit rows not held in memory are read by row id (:meth:`expression`)."""
 
-    def __init__(self, store: Store, scope: Scope, *, version: int | str | None = None, mode: str = "auto", device: str = "cpu"):
+    def __init__(
+        self, store: Store, scope: Scope, *, version: int | str | None = None, mode: str = "auto", device: str = "cpu", genes: Sequence[str] | None = None
+    ):
         self.store = store
+        #: the genes profiles are read for: None, the model's (the ``expression`` column); else any
+        #: genes the references measured, read from their imputation panels (``profile_*``)
+        self.genes = tuple(genes) if genes is not None else None
         self.scope = scope
         self.table = store.table("spots", version=version)
         self.spots_version = self.table.version
@@ -183,6 +191,89 @@ class References:
         self._positions: dict | None = None
         if self.path == "exact":
             self._load_exact()
+        self._map_genes()
+
+    def _map_genes(self) -> None:
+        """Per candidate dataset, where each of its measured genes goes among ``genes`` (-1: not
+        asked for), and which asked-for genes it measured (``measured_by``: gene → datasets). A
+        gene asked for that no candidate dataset measured is an error naming it; ``("all",)``
+        becomes every gene one measured (the model's first)."""
+        model_id = self.scope.model_id
+        panel = list(self.store.model(model_id).cfg.genes)
+        if self._datasets is not None:
+            datasets = sorted(set(map(str, np.unique(self._datasets))))
+        else:
+            datasets = self.store.distinct("spots", "dataset", where=self.where, version=self.spots_version)
+        self.dataset_names = datasets
+        measured = self.store.measured_genes(version=self.spots_version, where=f"model_id = {sql_literal(model_id)}")
+        asked = self.genes
+        if asked == ("all",):
+            every = [g for d in datasets for g in measured.get((model_id, d), panel)]
+            asked = self.genes = tuple(dict.fromkeys([*panel, *every]))
+        elif asked is None:
+            asked = tuple(panel)
+        column = {g: i for i, g in enumerate(asked)}
+        self._maps: dict[str, np.ndarray] = {}
+        self._measured: dict[str, np.ndarray] = {}
+        self._old: set[str] = set()  # datasets ingested before schema version 3: profile = expression over the model's genes
+        for name in datasets:
+            genes = measured.get((model_id, name))
+            if genes is None:
+                self._old.add(name)
+                genes = panel
+            self._maps[name] = np.array([column.get(g, -1) for g in genes], np.int64)
+            mask = np.zeros(len(asked), bool)
+            mask[self._maps[name][self._maps[name] >= 0]] = True
+            self._measured[name] = mask
+        #: gene → the candidate datasets that measured it
+        self.measured_by = {g: [d for d in datasets if self._measured[d][i]] for i, g in enumerate(asked)}
+        nowhere = [g for g, by in self.measured_by.items() if not by]
+        if nowhere and self.genes is not None:
+            shown = ", ".join(nowhere[:10]) + (f", … ({len(nowhere)} in all)" if len(nowhere) > 10 else "")
+            raise InputError(
+                f"gene{'s' if len(nowhere) > 1 else ''} {shown} measured by none of the references searched ({', '.join(datasets)}; model {model_id}, "
+                f"spots@{self.spots_version}); `histoindex info` lists how many genes each dataset measured"
+            )
+        if self.genes is not None and self.path == "exact" and self.n * len(self.genes) * 4 <= EXPRESSION_CACHE_BYTES:
+            # every candidate's asked-for genes, in one scan (row-id order, as the keys)
+            arrow = self._scan([*self._profile_columns(), *SCOPE_COLUMNS])
+            self.scope.verify(arrow, version=self.spots_version)
+            arrow = arrow.take(pa.array(np.argsort(arrow.column("_rowid").to_numpy())))
+            if not np.array_equal(arrow.column("_rowid").to_numpy(), self.row_ids):
+                raise StoreError(f"spots@{self.spots_version}: the candidates changed between two reads of {self.where!r}")
+            self._expression = self._dense(arrow)
+
+    def _profile_columns(self) -> list[str]:
+        """The columns :meth:`_dense` reads (a table from before schema version 3 has no profiles)."""
+        profiles = ["profile_index", "profile_values"] if len(self._old) < len(self._maps) else []
+        return ["dataset", *profiles] + (["expression"] if self._old else [])
+
+    def _dense(self, rows: pa.Table) -> np.ndarray:
+        """The asked-for genes' values of ``rows`` (columns of :meth:`_profile_columns`): float32,
+        NaN where the row's dataset did not measure the gene, 0 where it measured no counts."""
+        out = np.full((rows.num_rows, len(self.genes)), np.nan, np.float32)
+        labels = rows.column("dataset").to_numpy(zero_copy_only=False)
+        for name in np.unique(labels):
+            name = str(name)
+            if name not in self._maps:
+                raise StoreError(f"spots@{self.spots_version}: a neighbour of dataset {name!r} is not among the datasets matching {self.where!r}")
+            sel = np.flatnonzero(labels == name)
+            cols = self._maps[name]
+            block = np.full((len(sel), len(self.genes)), np.nan, np.float32)
+            block[:, self._measured[name]] = 0.0
+            if name in self._old:
+                values = _as_matrix(rows.column("expression").take(pa.array(sel)))
+                keep = cols >= 0
+                block[:, cols[keep]] = values[:, keep]
+            else:
+                index = rows.column("profile_index").take(pa.array(sel)).combine_chunks()
+                values = rows.column("profile_values").take(pa.array(sel)).combine_chunks()
+                lengths = pc.fill_null(pc.list_value_length(index), 0).to_numpy()
+                where = cols[index.flatten().to_numpy()]
+                keep = where >= 0
+                block[np.repeat(np.arange(len(sel)), lengths)[keep], where[keep]] = values.flatten().to_numpy()[keep]
+            out[sel] = block
+        return out
 
     def _scan(self, columns: list[str]) -> pa.Table:
         try:
@@ -194,7 +285,7 @@ class References:
         import torch
 
         n_genes = self._n_genes()
-        cache = self.n * n_genes * 4 <= EXPRESSION_CACHE_BYTES
+        cache = self.genes is None and self.n * n_genes * 4 <= EXPRESSION_CACHE_BYTES
         columns = ["expression_embedding", "dataset", *SCOPE_COLUMNS] + (["expression"] if cache else [])
         arrow = self._scan(columns)
         self.scope.verify(arrow, version=self.spots_version)
@@ -222,15 +313,22 @@ class References:
             self._stats = DatasetStats.of(self._expression, codes)
         else:
             sums: dict[str, list] = {}
+            columns, size = (["dataset", "expression"], 8192) if self.genes is None else (self._profile_columns(), 1024)
             try:
-                batches = self.table.to_lance().to_batches(columns=["dataset", "expression"], filter=self.where, batch_size=8192)
+                batches = self.table.to_lance().to_batches(columns=columns, filter=self.where, batch_size=size)
                 for batch in batches:
                     labels = batch.column("dataset").to_numpy(zero_copy_only=False)
-                    values = _as_matrix(batch.column("expression")).astype(np.float64)
+                    if self.genes is None:
+                        values = _as_matrix(batch.column("expression")).astype(np.float64)
+                    else:
+                        values = self._dense(pa.Table.from_batches([batch])).astype(np.float64)
+                    measured = ~np.isnan(values)  # a gene its dataset did not measure counts nowhere
+                    values = np.where(measured, values, 0.0)
                     for name in np.unique(labels):
-                        rows = values[labels == name]
+                        chosen = labels == name
+                        rows = values[chosen]
                         acc = sums.setdefault(str(name), [0, 0.0, 0.0])
-                        acc[0] += len(rows)
+                        acc[0] = acc[0] + measured[chosen].sum(axis=0)
                         acc[1] = acc[1] + rows.sum(axis=0)
                         acc[2] = acc[2] + (rows**2).sum(axis=0)
             except Exception as exc:
@@ -255,9 +353,15 @@ class References:
         return np.array([self._dataset_index[str(name)] for name in names], np.int64)[inverse]
 
     def expression(self, row_ids: np.ndarray) -> np.ndarray:
-        """Expression profiles of ``row_ids`` (LanceDB row ids), in that order; rows outside the
-        scope are an error."""
+        """Expression profiles of ``row_ids`` (LanceDB row ids), in that order, over ``genes`` (NaN:
+        a gene the row's dataset did not measure); rows outside the scope are an error."""
         row_ids = np.asarray(row_ids, np.int64)
+        if self.genes is not None and self._expression is None:  # the asked-for genes, from the rows' imputation panels
+            rows = self.table.to_lance()._take_rows(pa.array(row_ids.astype(np.uint64)), columns=[*self._profile_columns(), *SCOPE_COLUMNS])
+            if rows.num_rows != len(row_ids):
+                raise StoreError(f"spots@{self.spots_version}: {len(row_ids) - rows.num_rows} neighbour rows could not be read")
+            self.scope.verify(rows, version=self.spots_version)
+            return self._dense(rows)
         if self._expression is not None:
             positions = np.searchsorted(self.row_ids, row_ids)
             if (positions >= len(self.row_ids)).any() or (self.row_ids[np.minimum(positions, len(self.row_ids) - 1)] != row_ids).any():

@@ -1,6 +1,7 @@
 """SQL over the store with DuckDB: the tables are exposed as views over their Lance datasets
-(scanned in place, never copied; ``models`` without its ``weights`` blobs), plus long-format views
-with one row per gene.
+(``spots`` and ``predictions`` scanned in place, never copied; ``models`` read without its
+``weights`` column, which is never in DuckDB), plus long-format views with one row per gene. Those
+are the whole SQL surface: no raw dataset is registered beside them.
 
 ``histoindex sql`` is read-only. It runs exactly one statement, and only one that reads: SELECT
 (also WITH …, VALUES, FROM-first, SHOW), DESCRIBE, SUMMARIZE, or EXPLAIN of one of those. DuckDB
@@ -10,17 +11,23 @@ extension or database except:
 * the store's tables, registered as Arrow/Lance datasets (read through the views, never by path);
 * the data files the statement names as string literals (or quoted names): a path or glob ending
   in ``.parquet``, ``.csv``, ``.tsv``, ``.json``, ``.jsonl`` or ``.ndjson`` (optionally ``.gz`` or
-  ``.zst``), outside the store. A glob is expanded here and only the data files it matches are
-  opened to DuckDB, never their whole directory;
+  ``.zst``), outside the store. Each named path is resolved (links, ``..``) first: a link to a file
+  that is not itself such a data file is refused. A glob is expanded here by DuckDB's own glob (so
+  it matches what the read will: dotfiles too) and only the files it matches are opened to DuckDB,
+  never their whole directory;
 * the files and directories given with ``allow_files`` (``--allow-files``), outside the store.
 
-``read_text`` and ``read_blob`` (whole arbitrary files) are refused, and so is any literal path
-that leads into the store: Lance internals are reached only through the tables.
+Only the table functions that read data files, DuckDB's catalog and generators
+(:data:`TABLE_FUNCTIONS`) may be called: ``read_text`` and ``read_blob`` (whole arbitrary files),
+the functions that run SQL given as text (``query``, ``query_table``,
+``json_execute_serialized_sql``), which the checks here could not see into, and DuckDB's internal
+or stateful ones are refused. So is any literal path that leads into the store: Lance internals are
+reached only through the tables.
 """
 
 from __future__ import annotations
 
-import glob as _glob
+import functools
 import os
 import re
 from collections.abc import Iterable
@@ -33,10 +40,11 @@ from .errors import HistoindexError, StoreError
 from .store import WEIGHTS, Store, _local_path
 
 LONG_VIEWS = {
-    # one row per (tile, gene): per-gene analytics as a single GROUP BY
+    # one row per (tile, gene): per-gene analytics as a single GROUP BY; a run's genes are its own
+    # (query --genes) or, where it recorded none, the model's
     "predictions_long": """
         SELECT p.run_id, p.slide, p.tile_id, p.x, p.y, p.x_um, p.y_um, p.model_id, p.spots_version,
-               UNNEST(m.genes) AS gene, UNNEST(p.expression) AS value
+               UNNEST(COALESCE(p.genes, m.genes)) AS gene, UNNEST(p.expression) AS value
         FROM predictions p JOIN models m USING (model_id)""",
     "spots_long": """
         SELECT s.dataset, s.spot_id, s.tissue, s.platform, s.species, s.x, s.y, s.model_id,
@@ -50,6 +58,19 @@ READ_ONLY_KINDS = "SELECT, WITH, EXPLAIN, DESCRIBE, SUMMARIZE"
 DATA_FILE = re.compile(r"\.(parquet|csv|tsv|json|jsonl|ndjson)(\.(gz|gzip|zst|zstd))?$", re.IGNORECASE)
 #: table functions that read any file whole: refused whatever the path
 REFUSED_FUNCTIONS = ("read_text", "read_blob")
+#: table functions that run SQL given as a string: the checks here cannot see into it
+SQL_RUNNERS = ("query", "query_table", "json_execute_serialized_sql")
+#: the table functions a statement may call (any other table function DuckDB has is refused):
+#: data-file readers, DuckDB's catalog, generators
+TABLE_FUNCTIONS = frozenset(
+    "read_parquet parquet_scan parquet_metadata parquet_schema parquet_file_metadata parquet_kv_metadata "
+    "read_csv read_csv_auto sniff_csv read_json read_json_auto read_ndjson read_ndjson_auto read_json_objects "
+    "read_json_objects_auto read_ndjson_objects glob range generate_series unnest repeat repeat_row json_each "
+    "json_tree summary duckdb_columns duckdb_tables duckdb_views duckdb_functions duckdb_types duckdb_keywords "
+    "duckdb_schemas duckdb_databases duckdb_settings duckdb_constraints duckdb_dependencies duckdb_indexes "
+    "duckdb_sequences pragma_table_info pragma_show pragma_version pragma_platform pg_timezone_names "
+    "icu_calendar_names".split()
+)
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
@@ -143,16 +164,58 @@ def _unquote(token: str, kind: duckdb.token_type) -> str | None:
     return None
 
 
-def _names(text: str) -> tuple[list[str], list[str]]:
-    """(string values, function-ish identifiers) of the statement."""
-    values, identifiers = [], []
+def _names(text: str) -> tuple[list[str], list[str], list[str]]:
+    """(string values, identifiers, names called: an identifier or keyword followed by ``(``)
+    of the statement; names lowercased, unquoted."""
+    values, identifiers, called = [], [], []
+    previous: str | None = None
+    before = last = ""  # the tokens before ``previous`` and before this one: after AS, ``name(`` is an alias with its column names
     for token, kind in _tokens(text):
+        if kind == duckdb.token_type.comment:
+            continue
+        if token == "(" and previous is not None and before != "as":
+            called.append(previous)
         value = _unquote(token, kind)
         if value is not None:
             values.append(value)
+        name = None
         if kind == duckdb.token_type.identifier:
-            identifiers.append((value if value is not None else token).lower())
-    return values, identifiers
+            name = (value if value is not None else token).lower()
+            identifiers.append(name)
+        elif kind == duckdb.token_type.keyword:
+            name = token.lower()
+        before, last, previous = last, token.lower(), name
+    return values, identifiers, called
+
+
+@functools.cache
+def _duckdb_table_functions() -> frozenset[str]:
+    """Every table function (and table macro) this DuckDB has, lowercased."""
+    con = duckdb.connect(":memory:")
+    try:
+        rows = con.execute("SELECT DISTINCT lower(function_name) FROM duckdb_functions() WHERE function_type IN ('table', 'table_macro')").fetchall()
+    finally:
+        con.close()
+    return frozenset(name for (name,) in rows)
+
+
+def check_functions(text: str) -> None:
+    """Refuse (SqlError) the table functions that read whole files or run SQL text, and any
+    other table function but :data:`TABLE_FUNCTIONS`."""
+    _, identifiers, called = _names(text)
+    for name in REFUSED_FUNCTIONS:
+        if name in identifiers:
+            raise SqlError(f"histoindex sql reads data files (Parquet, CSV, JSON), not whole files: {name} is refused")
+    for name in called:
+        if name in SQL_RUNNERS:
+            raise SqlError(
+                f"histoindex sql does not run {name}: it runs SQL given as text, which histoindex sql cannot check; write that SQL in the statement itself"
+            )
+        if name in _duckdb_table_functions() and name not in TABLE_FUNCTIONS:
+            raise SqlError(
+                f"histoindex sql does not run {name}: it is not one of the table functions histoindex sql runs "
+                "(the read_parquet/read_csv/read_json family, glob, range, generate_series, unnest, summary, the duckdb_* catalog functions)"
+            )
 
 
 def _real(path: str | Path) -> Path:
@@ -194,14 +257,36 @@ def _refuse_store(path: Path, shown: str, store_dir: Path) -> None:
     )
 
 
-def named_files(text: str, store_dir: Path | None) -> tuple[list[str], list[str]]:
-    """(allowed paths, allowed directories) for the data files ``text`` names. Refuses read_text /
-    read_blob and any named path that leads into ``store_dir``."""
-    values, identifiers = _names(text)
-    for name in REFUSED_FUNCTIONS:
-        if name in identifiers:
-            raise SqlError(f"histoindex sql reads data files (Parquet, CSV, JSON), not whole files: {name} is refused")
+def _duckdb_glob(pattern: str) -> list[str]:
+    """The files DuckDB's own glob matches for ``pattern`` (what a read of it opens: dotfiles too)."""
+    con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+    try:
+        return [file for (file,) in con.execute("SELECT file FROM glob($p)", {"p": pattern}).fetchall()]
+    except duckdb.Error:
+        return []  # the read itself reports it
+    finally:
+        con.close()
+
+
+def _check_target(named: str, path: str, store_dir: Path | None, allowed: tuple[list[str], list[str]]) -> None:
+    """``path`` (named as ``named``) resolved, links and ``..`` followed: refused inside the store,
+    and unless it is itself a data file (or given with --allow-files)."""
+    real = _real(path)
+    if store_dir is not None and _inside(real, store_dir):
+        _refuse_store(real, named, store_dir)
+    paths, dirs = allowed
+    if DATA_FILE.search(real.name) or str(real) in paths or any(_inside(real, Path(d)) for d in dirs):
+        return
+    raise SqlError(f"histoindex sql reads Parquet, CSV or JSON files: {named} leads to {real}, which is not one; give it with --allow-files to read it")
+
+
+def named_files(text: str, store_dir: Path | None, allowed: tuple[list[str], list[str]] = ([], [])) -> tuple[list[str], list[str], list[str]]:
+    """(allowed paths, allowed directories, hidden files a glob matched) for the data files
+    ``text`` names: each resolved (links, ``..``) and refused when it leads into ``store_dir`` or
+    to a file that is not a data file (unless ``allowed``, the --allow-files (paths, dirs))."""
+    values, _, _ = _names(text)
     paths: list[str] = []
+    hidden: list[str] = []
     for value in values:
         if not value or "\n" in value or _URL.match(value):
             continue  # no local path (a remote URL stays unreachable: external access is off)
@@ -213,15 +298,16 @@ def named_files(text: str, store_dir: Path | None) -> tuple[list[str], list[str]
         if not DATA_FILE.search(value):
             continue
         if is_glob:
-            matches = _glob.glob(expanded, recursive=True)
+            matches = [os.path.abspath(m) for m in _duckdb_glob(expanded)]
             for match in matches:
-                if store_dir is not None and _inside(_real(match), store_dir):
-                    _refuse_store(_real(match), match, store_dir)
+                _check_target(match, match, store_dir, allowed)
             paths.append(os.path.abspath(expanded))  # DuckDB checks the pattern, then each file
-            paths.extend(os.path.abspath(m) for m in matches if DATA_FILE.search(m))
+            paths.extend(matches)
+            hidden.extend(m for m in matches if os.path.basename(m).startswith("."))
         else:
+            _check_target(value, expanded, store_dir, allowed)
             paths.append(os.path.abspath(expanded))
-    return paths, []
+    return paths, [], hidden
 
 
 def allowed_files(allow_files: Iterable[str | Path], store_dir: Path | None) -> tuple[list[str], list[str]]:
@@ -277,14 +363,15 @@ def connect(
         present = store.table_names()
         for name in present:
             dataset = store.table(name, version=versions.get(name)).to_lance()
-            if WEIGHTS in dataset.schema.names:  # models: the weights blobs stay out of SQL
-                con.register(f"_lance_{name}", dataset)
-                con.execute(f"CREATE VIEW {name} AS SELECT * EXCLUDE ({WEIGHTS}) FROM _lance_{name}")
+            if WEIGHTS in dataset.schema.names:  # models: read without the weights, which never reach DuckDB
+                con.register(name, dataset.to_table(columns=[c for c in dataset.schema.names if c != WEIGHTS]))
             else:
                 con.register(name, dataset)
         for view, body in LONG_VIEWS.items():
             needed = {"models", view.split("_")[0]}
             if needed <= set(present):
+                if view == "predictions_long" and "genes" not in store.table("predictions", version=versions.get("predictions")).schema.names:
+                    body = body.replace("COALESCE(p.genes, m.genes)", "m.genes")  # a table from before query --genes
                 con.execute(f"CREATE VIEW {view} AS {body}")
     if read_only:
         lock_down(con, paths=allowed_paths, directories=allowed_directories)
@@ -296,9 +383,10 @@ def run_sql(store: Store | None, statement: str, *, allow_files: Iterable[str | 
     JSON) outside the store can be named in the statement directly (``FROM 'predictions.parquet'``,
     ``read_parquet('preds/*.parquet')``); ``allow_files`` opens more files or folders to it."""
     check_statement(statement)
+    check_functions(statement)
     store_dir = _store_dir(store)
-    paths, dirs = named_files(statement, store_dir)
     more_paths, more_dirs = allowed_files(allow_files, store_dir)
+    paths, dirs, hidden = named_files(statement, store_dir, (more_paths, more_dirs))
     con = connect(store, allowed_paths=paths + more_paths, allowed_directories=dirs + more_dirs)
     try:
         relation = con.sql(statement)
@@ -312,6 +400,9 @@ def run_sql(store: Store | None, statement: str, *, allow_files: Iterable[str | 
         ) from exc
     except duckdb.Error as exc:
         tables = ", ".join(store.table_names() + [v for v in LONG_VIEWS]) if store else "none"
+        if hidden:
+            shown = ", ".join(os.path.basename(h) for h in hidden[:3]) + (f" and {len(hidden) - 3} more" if len(hidden) > 3 else "")
+            raise SqlError(f"{exc}\n(the glob matched hidden files, {shown}: leave them out with a pattern like '[!.]*.parquet')") from exc
         raise SqlError(f"{exc}\n(tables and views: {tables})") from exc
     finally:
         con.close()

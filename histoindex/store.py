@@ -6,6 +6,7 @@ Every write reports the version it made."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from lancedb.index import Bitmap, BTree, LabelList
 from lancedb.util import get_uri_scheme
 
 from .config import ModelConfig
-from .errors import StoreError, UnknownValue
+from .errors import HistoindexError, StoreError, UnknownValue, one_line
 from .schemas import PRIMARY_KEY_METADATA, TABLES, conform, layout
 
 _INDEX_CONFIGS = {"bitmap": Bitmap, "btree": BTree, "label_list": LabelList}
@@ -34,6 +35,16 @@ WEIGHTS = "weights"
 #: how long a write may take, retries after a concurrent commit included (LanceDB's default of
 #: 30 s after the first attempt is too short for a large reference on a busy machine)
 WRITE_TIMEOUT = timedelta(minutes=10)
+#: how many times a write is made whole again on the table's then latest version when the table
+#: changed under it (a concurrent commit Lance could not rebase, or ``compact`` removing the version
+#: it read) before the command ends with "the store changed while writing …; retry"
+WRITE_ATTEMPTS = 3
+#: ``compact`` never removes a version that stopped being current less than this long ago: a command
+#: that opened it then (a query searching it, an ingest merging into it) may still be reading it, and
+#: a query records the version it searched only when it commits (Lance's advice: a grace period)
+COMPACT_GRACE = timedelta(hours=1)
+#: words in Lance's messages for a commit that lost a race (retried when the table's version moved)
+_CONFLICT_WORDS = ("conflict", "concurrent", "retryable", "retry")
 
 
 def sql_literal(value: str) -> str:
@@ -292,6 +303,20 @@ class Store:
         names = _list_tables(self.db)
         return [t for t in TABLES if t in names]
 
+    def unwritable(self, name: str) -> str | None:
+        """Why table ``name`` cannot be written by this process (a read-only folder or files), or
+        None when it can or it cannot be known without writing (object stores: a write's own error
+        says it then). Checked before a command does minutes of work that ends in a write."""
+        local = _local_path(self.uri)
+        if local is None:
+            return None
+        table = local / f"{name}.lance"
+        folders = [table, *(table / sub for sub in ("_versions", "data", "_transactions", "_indices"))] if table.exists() else [local]
+        for folder in folders:
+            if folder.exists() and not os.access(folder, os.W_OK | os.X_OK):
+                return f"{folder} is not writable by this user"
+        return None
+
     def has_table(self, name: str) -> bool:
         return name in self.table_names()
 
@@ -315,7 +340,10 @@ class Store:
 
     def _open(self, name: str):
         """Open table ``name`` (its latest version), refusing one written by a newer histoindex."""
-        tbl = self.db.open_table(name)
+        try:
+            tbl = self.db.open_table(name)
+        except Exception as exc:  # listed but unreadable: its manifests gone or damaged
+            raise StoreError(f"cannot open the {name} table of the store at {self.uri}: {one_line(exc)}") from exc
         check_schema_version(name, tbl.schema, self.uri)
         return tbl
 
@@ -344,9 +372,54 @@ class Store:
             dataset = tbl.to_lance()
             if unmarked:
                 dataset.update_field_metadata({c: dict(PRIMARY_KEY_METADATA) for c in key})
+            added = [f for f in layout(name).schema if f.name not in tbl.schema.names]
+            if added:  # columns a newer layout added are nullable: all-null in the older rows (metadata only)
+                dataset.add_columns(added)
             dataset.update_schema_metadata({"histoindex.schema_version": str(current)})
             tbl.checkout_latest()
         return tbl
+
+    def _commit(self, name: str, what: str, write: Callable[[Any], Any], *, replayable: bool = True) -> Any:
+        """``write(table)``: one commit to table ``name``, opened (by :meth:`_writable`) at its latest
+        version. When the table changed under it (another process committed, or ``compact`` removed
+        the version it read: Lance then reports a conflict or a file not found) it is made again on
+        the then latest version, WRITE_ATTEMPTS times at most; then a :class:`StoreError` saying to
+        retry. A failed attempt commits nothing, so nothing of it is ever visible. A write that is
+        not ``replayable`` (it consumes a stream) is made once, and only Lance naming a conflict
+        counts as the table changing (an error from the stream itself is left as it is)."""
+        last: Exception | None = None
+        attempts = WRITE_ATTEMPTS if replayable else 1
+        for _ in range(attempts):
+            read = None
+            try:
+                tbl = self._writable(name)
+                read = tbl.version if replayable else None
+                return write(tbl)
+            except HistoindexError:
+                raise
+            except Exception as exc:
+                if not self._changed_under(name, read, exc):
+                    raise
+                last = exc
+        raise StoreError(
+            f"the store changed while writing {what} (another process wrote to the {name} table, or removed old versions of it, "
+            f"at the same time) and the write could not be re-applied in {attempts} attempt(s); nothing of it was written: retry "
+            f"(Lance: {one_line(last)})"
+        ) from last
+
+    def _changed_under(self, name: str, read: int | None, exc: Exception) -> bool:
+        """Whether ``exc``, raised by a write to ``name`` that read version ``read``, came from the table
+        changing under it (a new version since, or Lance naming a conflict), not from a damaged store."""
+        if not isinstance(exc, (RuntimeError, OSError, ValueError)):
+            return False
+        if any(word in str(exc).lower() for word in _CONFLICT_WORDS):
+            return True
+        if read is None or isinstance(exc, ValueError):  # Lance reports missing files as RuntimeError / OSError
+            return False
+        try:
+            return self.db.open_table(name).version != read
+        except Exception:
+            return False
 
     # ---- models -------------------------------------------------------------------------
     def _models_table(self, *, create: bool = False):
@@ -375,10 +448,12 @@ class Store:
             WEIGHTS: weights_bytes(model, cfg),
         }
         self._models_table(create=True)
-        tbl = self._writable("models")
         data = conform("models", pa.Table.from_pylist([row], schema=layout("models").schema))
-        result = tbl.merge_insert("model_id").when_matched_update_all().when_not_matched_insert_all().execute(data)
-        return model_id, result.version
+
+        def write(tbl) -> int:
+            return tbl.merge_insert("model_id").when_matched_update_all().when_not_matched_insert_all().execute(data, timeout=WRITE_TIMEOUT).version
+
+        return model_id, self._commit("models", f"model {model_id}", write)
 
     def model_weights(self, model_id: str) -> bytes:
         """The safetensors bytes of model ``model_id`` (only that row's weights are read)."""
@@ -482,26 +557,28 @@ class Store:
             raise StoreError(f"rows for model_id {model_id!r} carry other model_id values")
         if set(data.column("dataset").unique().to_pylist()) != set(datasets):
             raise StoreError(f"rows for datasets {', '.join(map(repr, datasets))} carry other dataset values (or lack one)")
-        tbl = self._writable("spots")
         scope = f"model_id = {sql_literal(model_id)} AND dataset IN ({', '.join(sql_literal(d) for d in datasets)})"
         dataset = datasets[0] if len(datasets) == 1 else f"{datasets[0]}-and-{len(datasets) - 1}-more"
-        try:
-            version = (
+
+        def write(tbl) -> int:
+            return (
                 tbl.merge_insert(list(layout("spots").key))
                 .when_matched_update_all()
                 .when_not_matched_insert_all()
                 .when_not_matched_by_source_delete(scope)
                 .execute(data, timeout=WRITE_TIMEOUT)
             ).version
-        except Exception as exc:
-            if "concurrent" in str(exc).lower() or "conflict" in str(exc).lower():
-                raise StoreError(
-                    f"the store changed while writing {dataset} (another writer committed to spots at the same time) "
-                    f"and the write could not be re-applied within {WRITE_TIMEOUT}; nothing of it was written: retry"
-                ) from exc
-            raise
+
+        version = self._commit("spots", dataset, write)
+        tbl = self.table("spots")
         if has_vector_index(tbl):  # keep `query --search ann` on the index for every row
-            version = self.refresh_indexes()
+            try:
+                version = self.refresh_indexes()
+            except StoreError as exc:
+                raise StoreError(
+                    f"wrote {dataset} whole (spots@{version}), but folding its rows into the indexes failed: {exc}; "
+                    "run `histoindex index` (until then `query --search ann` misses them)"
+                ) from exc
         try:
             tag = _tag_safe(f"ingest-{dataset}-v{version}")
             tbl.tags.create(tag, version)
@@ -509,6 +586,20 @@ class Store:
         except Exception:  # a tag is a convenience; the version itself is the record
             pass
         return version
+
+    def measured_genes(self, *, version: int | str | None = None, where: str | None = None) -> dict[tuple[str, str], list[str]]:
+        """(model_id, dataset) → every gene the dataset measured (its ``dataset_genes``, which
+        ``profile_index`` counts in), for the datasets of spots at ``version`` (``where``: a
+        predicate narrowing them) ingested at schema version 3 or later; older datasets are absent
+        (their profile is their ``expression`` over the model's genes)."""
+        if not self.has_table("spots"):
+            return {}
+        tbl = self.table("spots", version=version)
+        if "dataset_genes" not in tbl.schema.names:
+            return {}
+        predicate = "dataset_genes IS NOT NULL" + (f" AND ({where})" if where else "")
+        rows = tbl.to_lance().to_table(columns=["model_id", "dataset", "dataset_genes"], filter=predicate)
+        return {(m, d): g for m, d, g in zip(*(rows.column(c).to_pylist() for c in ("model_id", "dataset", "dataset_genes")))}
 
     def spot_models(self, *, version: int | str | None = None) -> dict[str, list[str]]:
         """Which models the spots (at ``version``) were embedded by: model id → its datasets."""
@@ -527,10 +618,13 @@ class Store:
         """Fold rows written since the indexes were built into them (vector and scalar), in one
         commit; returns the new version. Unlike LanceDB's ``optimize()``, this prunes no old
         versions, so ``--as-of`` keeps working."""
-        tbl = self.table(table)
-        tbl.to_lance().optimize.optimize_indices()
-        tbl.checkout_latest()
-        return tbl.version
+
+        def write(tbl) -> int:
+            tbl.to_lance().optimize.optimize_indices()
+            tbl.checkout_latest()
+            return tbl.version
+
+        return self._commit(table, f"the {table} indexes", write)
 
     # ---- upkeep -------------------------------------------------------------------------
     def restore(self, version: int | str, *, table: str = "spots") -> RestoreResult:
@@ -539,11 +633,15 @@ class Store:
         if table not in TABLES:
             raise UnknownValue(f"no table {table!r}; tables are {', '.join(TABLES)}")
         target = self.table(table, version=version).version  # a tag resolves; an unknown version is an error listing the known ones
-        tbl = self._writable(table)
-        if target == tbl.version:
-            raise StoreError(f"{table}@{target} is already the current version; nothing to restore")
-        tbl.restore(target)
-        tbl.checkout_latest()
+
+        def write(tbl):
+            if target == tbl.version:
+                raise StoreError(f"{table}@{target} is already the current version; nothing to restore")
+            tbl.restore(target)
+            tbl.checkout_latest()
+            return tbl
+
+        tbl = self._commit(table, f"the restore of {table}@{target}", write)
         tag = self._tag(tbl, f"restore-of-{target}", tbl.version, {OPERATION_KEY: "restore", "histoindex.restored": str(target)})
         return RestoreResult(table=table, restored=target, version=tbl.version, rows=tbl.count_rows(), tag=tag)
 
@@ -559,43 +657,59 @@ class Store:
             held = [f"{d} ({m})" for m, datasets in self.spot_models().items() for d in datasets]
             under = f" under model {model_id}" if model_id is not None else ""
             raise UnknownValue(f"no spots of dataset {dataset!r}{under} in {self.uri}; datasets (model): {', '.join(held) or 'none'}")
-        tbl = self._writable("spots")
-        result = tbl.delete(where)
-        tbl.checkout_latest()
+
+        def write(tbl):
+            result = tbl.delete(where)
+            tbl.checkout_latest()
+            return tbl, result
+
+        tbl, result = self._commit("spots", f"the delete of {dataset}", write)
         deleted = getattr(result, "num_deleted_rows", None)
         return DeleteResult(dataset=dataset, model_id=model_id, rows=int(n if deleted is None else deleted), version=tbl.version)
 
     def compact(self, *, keep_versions: int | None = None, older_than: timedelta | None = None, force: bool = False) -> list[Compaction]:
         """Compact every table's data files (Lance ``compact_files``: one new version where there is
-        something to rewrite), then remove old versions: those outside the window (the
-        ``keep_versions`` newest, or those newer than ``older_than``; the current one always stays)
-        except tagged versions and spots versions a stored prediction searched, which are tagged
-        ``pinned-by-predictions-v<N>`` first. With ``force`` those go too (their tags deleted).
+        something to rewrite), then remove old versions: those that stopped being current more than
+        ``older_than`` ago (default :data:`COMPACT_GRACE`: a command that opened a version while it
+        was current may still be reading it) and, with ``keep_versions``, are not among the
+        ``keep_versions`` newest; the current one always stays, and so do tagged versions and spots
+        versions a stored prediction searched, which are tagged ``pinned-by-predictions-v<N>`` first.
+        With ``force`` those go too (their tags deleted); the grace period still holds.
 
         Unlike LanceDB's ``optimize()``, nothing is pruned by a default age: only what is asked."""
-        if (keep_versions is None) == (older_than is None):
-            raise StoreError("compact needs exactly one of --keep-versions N and --older-than DAYS")
         if keep_versions is not None and keep_versions < 1:
             raise StoreError(f"--keep-versions must be at least 1 (the current version), got {keep_versions}")
         if older_than is not None and older_than < timedelta(0):
             raise StoreError(f"--older-than must not be negative, got {older_than.days} days")
+        grace = COMPACT_GRACE if older_than is None else older_than
         searched = set(self.distinct("predictions", "spots_version")) if self.has_table("predictions") else set()
         reports = []
         for name in self.table_names():
-            tbl = self._writable(name)
-            before = tbl.version
-            try:
+            before, metrics = None, None
+
+            def rewrite(tbl):
+                nonlocal before, metrics
+                before = tbl.version
                 metrics = tbl.to_lance().optimize.compact_files()
+                return tbl
+
+            try:
+                tbl = self._commit(name, f"the compaction of the {name} table", rewrite)
+            except StoreError:
+                raise
             except Exception as exc:
-                raise StoreError(f"compacting the {name} table failed (nothing was removed): {exc}") from exc
+                raise StoreError(f"compacting the {name} table failed (nothing was removed): {one_line(exc)}") from exc
             tbl.checkout_latest()
             dataset = tbl.to_lance()
             listed = {v["version"]: v for v in dataset.versions()}
-            latest = max(listed)
+            numbers = sorted(listed)
+            latest = numbers[-1]
+            # when each version stopped being current: the next one's timestamp (where compact removed
+            # the versions between, a later time: the grace period then lasts longer, never less)
+            replaced = {n: listed[after]["timestamp"] for n, after in zip(numbers, numbers[1:])}
+            window = {n for n in numbers if n not in replaced or _age(replaced[n]) < grace}
             if keep_versions is not None:
-                window = set(sorted(listed)[-keep_versions:])
-            else:
-                window = {n for n, v in listed.items() if _age(v["timestamp"]) < older_than}
+                window |= set(numbers[-keep_versions:])
             window.add(latest)
             pinned = sorted(n for n in searched if n in listed) if name == "spots" else []
             if not force:
@@ -685,22 +799,31 @@ class Store:
         return self.refresh_indexes()
 
     # ---- predictions --------------------------------------------------------------------
-    def predicted_slides(self, *, model_id: str, spots_version: int) -> set[str]:
-        """The slides ``predictions`` holds a run of by this model against this ``spots`` version:
-        one scan of the slide column, however many slides a cohort asks about."""
+    def predicted_slides(self, *, model_id: str, spots_version: int) -> dict[str, set[str | None]]:
+        """The slides ``predictions`` holds a run of by this model against this ``spots`` version,
+        each with the ``settings`` of its runs (None for rows written before they were recorded):
+        one scan of two columns, however many slides a cohort asks about."""
         where = f"model_id = {sql_literal(model_id)} AND spots_version = {int(spots_version)}"
-        slides = self.table("predictions").to_lance().to_table(columns=["slide"], filter=where).column("slide")
-        return set(slides.unique().to_pylist())
+        tbl = self.table("predictions")
+        columns = ["slide", "settings"] if "settings" in tbl.schema.names else ["slide"]
+        rows = tbl.to_lance().to_table(columns=columns, filter=where).group_by(columns).aggregate([])
+        slides = rows.column("slide").to_pylist()
+        settings = rows.column("settings").to_pylist() if "settings" in columns else [None] * len(slides)
+        runs: dict[str, set[str | None]] = {}
+        for slide, setting in zip(slides, settings):
+            runs.setdefault(slide, set()).add(setting)
+        return runs
 
     def add_predictions(self, rows: pa.Table | Iterable[pa.RecordBatch]) -> int:
         """Append prediction rows in one commit; ``rows`` may be a stream of record batches, which
         LanceDB writes as they come (nothing is committed if the stream fails)."""
-        tbl = self._writable("predictions")
         if isinstance(rows, pa.Table):
-            return tbl.add(conform("predictions", rows)).version
+            table = conform("predictions", rows)
+            return self._commit("predictions", "the predictions", lambda tbl: tbl.add(table).version)
         target = layout("predictions").schema
         batches = (b for batch in rows for b in conform("predictions", pa.Table.from_batches([batch])).to_batches())
-        return tbl.add(pa.RecordBatchReader.from_batches(target, batches)).version
+        # a stream is read once: a write that loses a race is not made again, the command says to retry
+        return self._commit("predictions", "the predictions", lambda tbl: tbl.add(pa.RecordBatchReader.from_batches(target, batches)).version, replayable=False)
 
     # ---- overview -----------------------------------------------------------------------
     def versions(self) -> dict[str, list[dict]]:
@@ -749,6 +872,11 @@ class Store:
 
             frame = pl.from_arrow(arrow).group_by(["model_id", "dataset", "tissue", "platform", "species"]).len("spots")
             datasets = frame.sort(["model_id", "dataset"]).to_dicts()
+            panels = {m.model_id: len(m.cfg.genes) for m in self.models()}
+            measured = self.measured_genes()
+            for d in datasets:  # how many genes a query can ask this dataset for (before schema 3: the model's)
+                genes = measured.get((d["model_id"], d["dataset"]))
+                d["genes"] = len(genes) if genes is not None else panels.get(d["model_id"])
         models = [
             {
                 "model_id": m.model_id,
@@ -809,8 +937,11 @@ def prediction_rows(
     predicate: str,
     k: int,
     created_at: datetime,
+    settings: str | None = None,
+    genes: Sequence[str] | None = None,
 ) -> pa.Table:
-    """Arrow rows for the predictions table (column layout from schemas/predictions.json)."""
+    """Arrow rows for the predictions table (column layout from schemas/predictions.json);
+    ``settings``: the JSON of what shaped the answer (the cohort resume key)."""
     n, n_genes = values.shape
     return pa.table(
         {
@@ -825,10 +956,13 @@ def prediction_rows(
             "spots_version": np.full(n, spots_version, np.int64),
             "filter": [predicate] * n,
             "k": np.full(n, k, np.int32),
+            "settings": pa.array([settings] * n, pa.string()),
             "created_at": pa.array([created_at] * n, pa.timestamp("us", tz="UTC")),
             "expression": pa.ListArray.from_arrays(
                 pa.array(np.arange(0, (n + 1) * n_genes, n_genes, dtype=np.int32)), pa.array(np.ascontiguousarray(values, np.float32).ravel())
             ),
+            # the genes predicted when they are not the model's (query --genes); null: the model's
+            "genes": pa.array([list(genes)] * n if genes is not None else [None] * n, pa.list_(pa.string())),
         }
     )
 
@@ -847,8 +981,14 @@ def spot_rows(
     expression: np.ndarray,
     source_values: str,
     model_id: str,
+    profile=None,
+    dataset_genes: Sequence[str] | None = None,
 ) -> pa.Table:
-    """Arrow rows for the spots table (column layout from schemas/spots.json)."""
+    """Arrow rows for the spots table (column layout from schemas/spots.json). ``profile``: the
+    imputation panel, a scipy sparse (n, len(dataset_genes)) matrix of log1p(CP10k) values over
+    ``dataset_genes`` (every gene the dataset measured), stored as each spot's non-zero entries;
+    ``dataset_genes`` goes on the first row only (None: rows without a profile, as before schema
+    version 3)."""
     n = len(spot_ids)
     dim = layout("spots").vector_dim("image_embedding")
 
@@ -872,7 +1012,33 @@ def spot_rows(
             "image_embedding": vectors(image_embedding),
             "expression_embedding": vectors(expression_embedding),
             "expression": pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(expression, np.float32).ravel())),
+            **_profile_columns(profile, dataset_genes, n),
             "source_values": pa.array([source_values] * n),
             "model_id": pa.array([model_id] * n),
         }
     )
+
+
+def _profile_columns(profile, dataset_genes: Sequence[str] | None, n: int) -> dict[str, pa.Array]:
+    """``profile_index`` / ``profile_values`` (each spot's non-zero entries of ``profile``, a
+    sparse matrix over ``dataset_genes``) and ``dataset_genes`` (on the first row only)."""
+    if profile is None:
+        return {
+            "profile_index": pa.nulls(n, pa.list_(pa.int32())),
+            "profile_values": pa.nulls(n, pa.list_(pa.float32())),
+            "dataset_genes": pa.nulls(n, pa.list_(pa.string())),
+        }
+    import scipy.sparse as sp
+
+    csr = sp.csr_matrix(profile)
+    csr.eliminate_zeros()
+    csr.sort_indices()
+    if csr.shape != (n, len(dataset_genes)):
+        raise StoreError(f"profiles have shape {csr.shape}, expected ({n}, {len(dataset_genes)}): one row per spot, one column per measured gene")
+    offsets = pa.array(csr.indptr.astype(np.int32))
+    genes = pa.array([list(map(str, dataset_genes))] + [None] * (n - 1), pa.list_(pa.string()))
+    return {
+        "profile_index": pa.ListArray.from_arrays(offsets, pa.array(csr.indices.astype(np.int32))),
+        "profile_values": pa.ListArray.from_arrays(offsets, pa.array(csr.data.astype(np.float32))),
+        "dataset_genes": genes,
+    }

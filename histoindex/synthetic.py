@@ -90,8 +90,12 @@ def make_section(
     spot_diameter_um: float = 55.0,
     programme_seed: int = 7,
     name: str | None = None,
+    lattice: str = "hexagonal",
 ) -> SyntheticSection:
-    """Render one section and its spots (hexagonal Visium-like grid inside the tissue)."""
+    """Render one section and its spots inside the tissue: a hexagonal Visium-like grid, or with
+    ``lattice="square"`` a square one as legacy ST's (use ``spot_spacing_um=200``, ``spot_diameter_um=100``)."""
+    if lattice not in ("hexagonal", "square"):
+        raise ValueError(f"lattice must be hexagonal or square, got {lattice!r}")
     rng = np.random.default_rng(seed)
     shape = (size_px, size_px)
     region_sigma = 250.0 / mpp  # regions a few hundred µm across
@@ -125,18 +129,19 @@ def make_section(
     image += rng.normal(0, 2, image.shape).astype(np.float32)  # sensor noise
     image = np.clip(image, 0, 255).astype(np.uint8)
 
-    # hexagonal spot grid, kept where the whole spot is on tissue
+    # the spot grid, kept where the whole spot is on tissue
     step = spot_spacing_um / mpp
+    square = lattice == "square"
     radius_px = spot_diameter_um / mpp / 2
     centres = []
     row = 0
     y = step
     while y < size_px - step:
-        x = step + (step / 2 if row % 2 else 0.0)
+        x = step + (step / 2 if row % 2 and not square else 0.0)
         while x < size_px - step:
             centres.append((x, y))
             x += step
-        y += step * np.sqrt(3) / 2
+        y += step if square else step * np.sqrt(3) / 2
         row += 1
     centres = np.asarray(centres)
     r = int(np.ceil(radius_px))
@@ -170,7 +175,9 @@ def make_section(
         mpp=mpp,
         image=ImageRef(array=image),
         is_counts=True,
-        spot_diameter_px=spot_diameter_um / mpp,
+        # spot_diameter_fullres as Space Ranger defines it: a theoretical 65 µm Visium spot (not the 55 µm
+        # capture area), so a reader's cross-check of pixel-size sources agrees; ST's is the spot itself
+        spot_diameter_px=(65.0 if lattice == "hexagonal" else spot_diameter_um) / mpp,
         source=f"synthetic seed {seed}",
     )
     return SyntheticSection(image=image, spots=spots, composition=composition, mpp=mpp)

@@ -76,7 +76,7 @@ def test_slide_without_pixel_size_needs_mpp(store, sections, tmp_path):
 def test_other_bad_inputs(store, sections, tmp_path):
     before = _snapshot(store)
     cases = [
-        (["query", tmp_path / "missing.svs", "--db", store], "Error: image not found"),
+        (["query", tmp_path / "missing.svs", "--db", store], "Error: slide not found"),
         (["query", sections.heldout_tif, "--out", tmp_path / "x.csv", "--db", store], "unsupported type; use .parquet or .h5ad"),
         (["query", sections.heldout_tif, "--k", "0", "--db", store], "--k must be at least 1"),
         (["query", sections.heldout_tif, "--db", tmp_path / "nostore"], "no histoindex store at"),
@@ -174,11 +174,11 @@ def test_bad_values_in_an_h5ad(store, sections, tmp_path, change, problem):
 
 
 def test_reference_genes_must_cover_the_model(store, sections, tmp_path):
-    """Every model gene is needed (it shapes the spot's expression embedding and the averages), so a
-    reference lacking any is refused, naming them; gene names of another kind get a hint."""
+    """A reference must measure at least half the model's genes (they shape the spot's expression
+    embedding), else it is refused, naming them; gene names of another kind get a hint."""
     genes = list(Store(store).model().cfg.genes)
     renamed = _h5ad(sections, tmp_path, "ensembl.h5ad", lambda a: setattr(a, "var_names", [f"ENSG{i:011d}" for i in range(a.n_vars)]))
-    dropped = sorted(genes[-2:])
+    dropped = sorted(genes[-(len(genes) // 2 + 1) :])
     partial = tmp_path / "partial.h5ad"
     adata = anndata.read_h5ad(sections.other_h5ad)
     adata[:, [g for g in adata.var_names if g not in dropped]].copy().write_h5ad(partial)
@@ -192,8 +192,8 @@ def test_reference_genes_must_cover_the_model(store, sections, tmp_path):
         "--model ID",
     )
     result = run("ingest", partial, "--tissue", "breast", "--db", store, ok=False)
-    line = error_line(result, f"{partial} lacks 2 of the model's {len(genes)} genes", "histoindex train --genes FILE")
-    assert all(g in line for g in dropped)
+    line = error_line(result, f"{partial} lacks {len(dropped)} of the model's {len(genes)} genes", "histoindex train --genes FILE")
+    assert all(g in line for g in genes[-(len(genes) // 2 + 1) :][:10])
     assert _snapshot(store) == before
 
 

@@ -104,3 +104,25 @@ def test_a_quoted_pattern_and_a_manifest_with_ids_and_metadata(store, sections, 
     adata = anndata.read_h5ad(by_id / "TCGA-02.h5ad")
     assert set(adata.obs["patient"]) == {"P2"} and set(adata.obs["age"]) == {47} and set(adata.obs["slide"]) == {"TCGA-02"}
     assert "TCGA-01" in _rows_per_slide(store) and "TCGA-02" in _rows_per_slide(store)  # predictions keyed by slide_id
+
+
+def test_a_rerun_with_other_settings_answers_the_question_asked(store, sections, tmp_path):
+    """Issue 19.3: the resume key holds everything that shapes the answer, not only model and spots version."""
+    _, slides = _cohort(sections, tmp_path)
+    out = tmp_path / "preds"
+    run("query", *slides, "--tissue", "breast", "--out", f"{out}/", "--db", store)
+    first = pl.read_parquet(out / "a.parquet")
+    for changed in (["--k", "5"], ["--smooth", "0"], ["--where", "dataset IS NOT NULL"], ["--stride-um", "100"], ["--mpp", "0.5"]):
+        result = run("query", *slides, "--tissue", "breast", *changed, "--out", out, "--db", store)
+        assert "2 slides predicted" in result.output and "0 skipped" in result.output, changed
+        assert "predicted before with other settings" in result.output, changed
+        same = run("query", *slides, "--tissue", "breast", *changed, "--out", out, "--db", store)
+        assert "0 slides predicted (0 tiles), 2 skipped" in same.output, changed
+    said = run("query", *slides, "--tissue", "breast", "--k", "3", "--out", out, "--db", store).output
+    assert "k 5 → 3" in said or "k None → 3" in said
+    # the k=5 answer really is another answer, and the stored settings say which
+    k5 = Store(store).table("predictions").to_lance().to_table(columns=["settings"], filter="slide = 'a.tif'").column("settings").to_pylist()
+    assert any(json.loads(s)["k"] == 5 for s in k5) and any(json.loads(s)["k"] is None for s in k5)
+    run("query", slides[0], "--tissue", "breast", "--k", "5", "--out", tmp_path / "k5.parquet", "--db", store)
+    genes = list(Store(store).model().cfg.genes)
+    assert not np.allclose(first.select(genes).to_numpy(), pl.read_parquet(tmp_path / "k5.parquet").select(genes).to_numpy())

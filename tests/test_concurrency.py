@@ -148,3 +148,32 @@ def test_a_query_during_an_ingest_answers_from_the_version_it_read(base, data, s
     np.testing.assert_allclose(during, as_of(2), rtol=1e-5, atol=1e-6)
     assert not np.allclose(during, as_of(3), rtol=1e-3, atol=1e-4), "the ingest changed the answer, so the version mattered"
     print(f"query resumed after spots@3 landed; finished {time.monotonic() - started:.1f} s later from spots@2")
+
+
+def test_compact_beside_a_running_query_keeps_the_version_it_searched(base, data, sections, tmp_path):
+    """A query opens the current spots version (an untagged one: a delete made it) and is paused once
+    it has read its references; an ingest replaces that version and `compact --keep-versions 1` runs.
+    The version was replaced seconds ago, inside the grace period, so compact keeps it: the query
+    finishes, and `--as-of` that version gives the same answer later, after more compacts (its
+    stored predictions pin it from then on)."""
+    db = copy_store(base, tmp_path)
+    run("ingest", sections.other_h5ad, "--tissue", "breast", "--dataset", "other", "--db", db)  # spots@3
+    run("delete", "--dataset", "other", "--db", db)  # spots@4: untagged, current
+    searched = Store(db).table("spots").version
+    assert Store(db).versions()["spots"][-1]["tags"] == []
+    out = tmp_path / "during.parquet"
+    query = Cli("query", data.slide, "--tissue", "breast", "--spots", data.h5ad, "--k", "5", "--precision", "fp32", "--out", out, "--db", db)
+    pause_at(query, r"exact search over \d+ references")  # it searches spots@4
+    run("ingest", sections.other_h5ad, "--tissue", "breast", "--dataset", "other", "--db", db)  # spots@5 replaces it
+    compacted = run("compact", "--keep-versions", "1", "--db", db).stdout
+    assert searched in [v["version"] for v in Store(db).versions()["spots"]], f"compact removed spots@{searched} under a running query:\n{compacted}"
+    resume(query)
+    query.succeed()
+    assert set(Store(db).table("predictions").to_arrow().column("spots_version").to_pylist()) == {searched}
+
+    # committed, the predictions pin it: even with no grace period it stays, and reproduces the answer
+    run("compact", "--keep-versions", "1", "--older-than", "0", "--db", db)
+    again = tmp_path / "again.parquet"
+    run("query", data.slide, "--tissue", "breast", "--spots", data.h5ad, "--k", "5", "--precision", "fp32", "--as-of", searched, "--out", again, "--db", db)
+    genes = [g for g in pq.read_schema(out).names if g not in ("slide", "spot", "x", "y", "x_um", "y_um")]
+    np.testing.assert_array_equal(pq.read_table(again).select(genes).to_pandas().to_numpy(), pq.read_table(out).select(genes).to_pandas().to_numpy())

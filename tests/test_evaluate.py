@@ -13,7 +13,7 @@ from histoindex.genes import highly_variable_genes
 from histoindex.metrics import pearson_per_gene
 from histoindex.store import Store
 
-from .conftest import TRAIN_ARGS, run
+from .conftest import TRAIN_ARGS, error_line, run
 
 
 def test_evaluate_cli_scores_model_and_baselines_and_writes_rescorable_predictions(sections, tmp_path):
@@ -36,7 +36,8 @@ def test_evaluate_cli_scores_model_and_baselines_and_writes_rescorable_predictio
     (fold,) = report["folds"]
     assert fold["holdout"] == "syn-heldout" and fold["train_sections"] == ["syn-train", "syn-other"]
     scores = fold["scores"]
-    assert set(scores) == {"histoindex", "neighbour-mean", "mean", "colour-retrieval", "frozen-retrieval", "frozen-retrieval+", "frozen-ridge"}
+    assert set(scores) == {"histoindex", "neighbour-mean", "mean", "colour-retrieval", "frozen-retrieval", "frozen-retrieval+", "frozen-ridge", "depth-only"}
+    assert report["config"]["context_only"] == ["depth-only"]  # it reads the truth's depth: context, not a competitor
     assert scores["mean"]["all"] == 0.0  # a constant prediction scores 0, not NaN
     assert scores["histoindex"]["all"] > 0.25
     assert scores["histoindex"]["MSE"] < scores["mean"]["MSE"]
@@ -154,3 +155,122 @@ def test_variable_genes_are_chosen_among_those_the_heldout_section_measures(sect
     assert top not in genes and fold["n_genes"] == len(genes) >= 48
     common = [g for g in train_refs[0].var_names if g != top]
     assert genes == highly_variable_genes(train_refs, 48, among=common)
+
+
+# ---- across patients (issue 21) -------------------------------------------------------------
+PATIENTS = ["--patient", "syn-train=P1", "--patient", "syn-other=P1", "--patient", "syn-heldout=P2"]
+#: the protocol is under test here, not the model: heads on a frozen random backbone's small patches
+FAST = [
+    *["--backbone", "test_resnet", "--weights", "none"],
+    "--freeze-backbone",
+    "--no-inner-check",
+    "--views",
+    "1",
+    "--patch-px",
+    "32",
+    "--patch-um",
+    "110",
+    "--epochs",
+    "2",
+    "--n-genes",
+    "48",
+    "--stain",
+    "none",
+]
+
+
+def test_patient_protocol_holds_out_every_section_of_a_patient(sections, tmp_path):
+    """--protocol patient: all sections of the held-out patient leave together; model, gene panel
+    and baselines are fitted on the other patients' sections only; every baseline, the ridge
+    probe's inner-CV penalty and the context-only depth predictor are reported per fold."""
+    out = tmp_path / "patients.parquet"
+    result = run(
+        "evaluate", sections.train_h5ad, sections.other_h5ad, sections.heldout_h5ad,
+        "--protocol", "patient", *PATIENTS, "--out", out, "--json", *FAST,
+    )  # fmt: skip
+    report = json.loads(result.stdout)
+    assert report["config"]["protocol"] == "patient"
+    folds = {f["holdout"]: f for f in report["folds"]}
+    assert list(folds) == ["syn-train", "syn-other", "syn-heldout"]
+    # patient P1's two sections are held out together: neither trains the model that answers them
+    assert folds["syn-train"]["train_sections"] == folds["syn-other"]["train_sections"] == ["syn-heldout"]
+    assert folds["syn-train"]["patient"] == folds["syn-other"]["patient"] == "P1"
+    assert folds["syn-heldout"]["train_sections"] == ["syn-train", "syn-other"] and folds["syn-heldout"]["patient"] == "P2"
+
+    # the panel of P1's folds comes from P2's section alone (among genes both P1 sections measure)
+    frame = pl.read_parquet(out)
+    refs = {
+        name: api.read_reference(p)
+        for name, p in (("syn-train", sections.train_h5ad), ("syn-other", sections.other_h5ad), ("syn-heldout", sections.heldout_h5ad))
+    }
+    for section, train in (("syn-train", ["syn-heldout"]), ("syn-heldout", ["syn-train", "syn-other"])):
+        rows = frame.filter((pl.col("section") == section) & (pl.col("system") == "truth"))
+        genes = [c for c in rows.columns if c not in ("section", "system", "spot") and rows[c].null_count() == 0]
+        assert set(genes) == set(highly_variable_genes([refs[n] for n in train], 48))
+    assert highly_variable_genes([refs["syn-heldout"]], 48) != highly_variable_genes([refs["syn-train"], refs["syn-other"]], 48)
+
+    for fold in folds.values():
+        assert {"frozen-ridge", "depth-only", "mean", "frozen-retrieval", "frozen-retrieval+"} <= set(fold["scores"])
+        assert fold["ridge"]["alpha"] in fold["ridge"]["alphas"] and len(fold["ridge"]["inner_r"]) == len(fold["ridge"]["alphas"])
+        assert fold["peak_rss_mb"] > 0 and fold["train_seconds"] >= 0
+    # the ridge penalty is chosen across training patients where there are two; else within the one
+    assert folds["syn-heldout"]["ridge"]["groups"] == "sections" and folds["syn-train"]["ridge"]["groups"] == "spatial blocks"
+    assert report["config"]["context_only"] == ["depth-only"]
+
+
+def test_patient_protocol_needs_patients(sections):
+    base = ("evaluate", sections.train_h5ad, sections.other_h5ad, sections.heldout_h5ad)
+    line = error_line(run(*base, "--protocol", "patient", *TRAIN_ARGS, ok=False), "--protocol patient", "--patient")
+    assert "SECTION=PATIENT" in line
+    line = error_line(run(*base, "--protocol", "patient", "--patient", "syn-train=P1", "--patient", "syn-other=P1", *TRAIN_ARGS, ok=False))
+    assert "syn-heldout" in line  # the section without a patient is named
+    line = error_line(run(*base, "--protocol", "patient", *PATIENTS, "--patient", "nope=P3", *TRAIN_ARGS, ok=False), "nope")
+    line = error_line(run(*base, "--protocol", "patient", *PATIENTS[:4], "--patient", "syn-heldout=P1", *TRAIN_ARGS, ok=False), "two patients")
+    line = error_line(run(*base, "--protocol", "patient", *PATIENTS, "--holdout", "syn-train", *TRAIN_ARGS, ok=False), "syn-train", "P1")
+    line = error_line(run(*base, "--patient", "syn-train", *TRAIN_ARGS, ok=False), "SECTION=PATIENT")
+
+
+def test_patient_column_reads_each_files_patient(sections, tmp_path):
+    import anndata as ad
+
+    paths = []
+    for path, patient in ((sections.train_h5ad, "P1"), (sections.other_h5ad, "P1"), (sections.heldout_h5ad, "P2")):
+        adata = ad.read_h5ad(path)
+        adata.obs["donor"] = patient
+        paths.append(tmp_path / path.name)
+        adata.write_h5ad(paths[-1])
+    result = run("evaluate", *paths, "--protocol", "patient", "--patient-column", "donor", "--holdout", "P2", "--no-baselines", "--json", *FAST)
+    (fold,) = json.loads(result.stdout)["folds"]
+    assert fold["holdout"] == "syn-heldout" and fold["train_sections"] == ["syn-train", "syn-other"] and fold["patient"] == "P2"
+    error_line(run("evaluate", *paths, "--protocol", "patient", "--patient-column", "nope", *TRAIN_ARGS, ok=False), "nope", "syn-train")
+
+
+def test_ridge_penalty_is_chosen_by_inner_cross_validation():
+    """The probe's penalty comes from its grid, by grouped inner CV: small where the features
+    carry the signal, large where the targets are noise it would otherwise fit."""
+    from histoindex.baselines import RIDGE_ALPHAS, ridge_cv
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 40)).astype(np.float32)
+    groups = np.repeat([0, 1, 2], 100)
+    clean = (x @ rng.normal(size=(40, 6))).astype(np.float32)
+    pred, clean_fit = ridge_cv(x[:240], clean[:240], x[240:], groups[:240], n_components=40)
+    assert pearson_per_gene(clean[240:], pred).min() > 0.99
+    few = rng.normal(size=(45, 40)).astype(np.float32)  # fewer spots than features, signal weak
+    noisy = (few[:, :1] * 0.3 + rng.normal(size=(45, 6))).astype(np.float32)
+    _, noisy_fit = ridge_cv(few, noisy, few[:5], np.repeat([0, 1, 2], 15), n_components=40)
+    for fit in (clean_fit, noisy_fit):
+        assert fit["alpha"] in RIDGE_ALPHAS and fit["alpha"] == fit["alphas"][int(np.argmax(fit["inner_r"]))]
+    assert noisy_fit["alpha"] > clean_fit["alpha"]
+
+
+def test_depth_only_is_a_per_gene_regression_on_log_total_counts():
+    from histoindex.baselines import depth_only
+
+    train_totals = np.array([100.0, 400.0, 900.0, 2500.0, 50.0])
+    train_y = np.array([[0.1, 2.0], [0.5, 1.7], [0.9, 1.1], [1.6, 0.2], [0.0, 2.2]], np.float32)
+    test_totals = np.array([300.0, 5000.0])
+    pred = depth_only(train_totals, train_y, test_totals)
+    for j in range(2):
+        slope, intercept = np.polyfit(np.log(train_totals), train_y[:, j], 1)
+        np.testing.assert_allclose(pred[:, j], intercept + slope * np.log(test_totals), rtol=1e-5)

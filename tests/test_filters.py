@@ -8,12 +8,13 @@ import pytest
 
 from histoindex import api
 from histoindex.embed import embed_images
+from histoindex.errors import InputError
 from histoindex.models import load_model
 from histoindex.patch import spot_patches
-from histoindex.search import References, Scope, search
+from histoindex.search import References, Scope, check_where, search
 from histoindex.store import Store
 
-from .conftest import run
+from .conftest import error_line, run
 
 
 def test_other_tissue_never_in_neighbours(store, sections):
@@ -80,4 +81,29 @@ def test_unknown_tissue_lists_the_tissues_present(store, sections):
 def test_bad_where_clause_is_a_clear_error(store, sections):
     result = run("query", sections.heldout_tif, "--tissue", "breast", "--where", "no_such_column = 1", "--db", store, ok=False)
     assert result.exit_code == 1
-    assert result.output.startswith("Error: cannot apply filter")
+    error_line(result, "Error: cannot apply filter")
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "tissue = $$breast$$",
+        "tissue = $t$breast$t$",
+        "spot_id = $$($$) OR true OR (spot_id = $$)$$",  # balanced to a quote-blind count, not to Lance's parser
+        "tissue = $1",
+    ],
+)
+def test_a_where_with_dollar_quoting_is_refused(where):
+    with pytest.raises(InputError, match=r"'\$' outside a quoted string is not allowed"):
+        check_where(where)
+
+
+def test_a_where_with_a_dollar_quoted_string_is_a_clear_error(store, sections):
+    before = Store(store).versions()
+    result = run("query", sections.heldout_tif, "--tissue", "breast", "--where", "tissue = $$breast$$", "--db", store, ok=False)
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: --where 'tissue = $$breast$$': '$' outside a quoted string is not allowed"), result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert Store(store).versions() == before
+    # '$' inside a quoted string is data
+    assert check_where("dataset = 'a$$b'") == "dataset = 'a$$b'"

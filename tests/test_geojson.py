@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 
 from histoindex.store import Store
 
@@ -53,6 +54,12 @@ def test_grid_query_writes_tiles_as_squares_with_the_genes_as_measurements(store
     values = np.array([list(f["properties"]["measurements"].values()) for f in features])
     np.testing.assert_allclose(values, frame.select(genes).to_numpy(), atol=1e-4 / 2 + 1e-6)
     assert collection["histoindex"]["model_id"] == Store(store).model().model_id
+    # the provenance is JSON, as in the Parquet file's metadata: nested values are objects, not Python reprs
+    provenance = collection["histoindex"]
+    in_parquet = json.loads(pq.read_schema(parquet).metadata[b"histoindex"])
+    assert isinstance(provenance["retrieval"], dict) and provenance["retrieval"]["k"] == 10
+    skip = {"run_id", "created_at"}
+    assert {k: v for k, v in provenance.items() if k not in skip} == {k: v for k, v in in_parquet.items() if k not in skip}
 
 
 def test_spot_query_writes_points(store, sections, tmp_path):
@@ -70,3 +77,21 @@ def test_plot_needs_a_table_output(store, sections, tmp_path):
     assert result.exit_code != 0
     assert "--plot draws from a .parquet or .h5ad --out, not x.geojson" in result.output
     assert not (tmp_path / "x.geojson").exists()
+
+
+def test_a_missing_gene_is_left_out_of_the_measurements_and_the_file_stays_json(tmp_path):
+    """A gene no neighbour's dataset measured is NaN in the predictions: GeoJSON has no NaN, so it is left out."""
+    import json as _json
+
+    import numpy as _np
+
+    from histoindex.io.write import PredictionWriter
+
+    out = tmp_path / "x.geojson"
+    writer = PredictionWriter(out, id_column="tile_id", slide="s.tif", mpp=0.5, genes=["A", "B"], provenance={"patch_um": 100.0, "stride_um": 100.0})
+    writer.write(_np.array(["t0", "t1"]), _np.array([[10.0, 10.0], [210.0, 10.0]]), _np.array([[1.0, _np.nan], [2.0, 3.0]], _np.float32))
+    writer.close()
+    features = _json.loads(out.read_text())["features"]  # strict JSON: a NaN would not parse as standard JSON
+    assert features[0]["properties"]["measurements"] == {"A": 1.0}
+    assert features[1]["properties"]["measurements"] == {"A": 2.0, "B": 3.0}
+    assert "NaN" not in out.read_text()

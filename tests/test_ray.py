@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -32,6 +34,22 @@ def local_ray():
     cluster.connect("local", num_cpus=2)
     yield
     ray.shutdown()
+
+
+def test_ray_starts_quietly_unless_verbose():
+    """`--ray local` without `histoindex -v` says nothing of Ray's own: no token-authentication notice,
+    no fork-safety warnings with their source lines (raised in Ray's forked children, so only the
+    process's stderr shows them: a process of its own)."""
+    script = (
+        "import lancedb, polars\n"  # loaded before Ray forks, as in a query
+        "from histoindex import cluster\n"
+        "ray = cluster.connect('local', num_cpus=1)\n"
+        "print('connected', flush=True)\n"
+        "ray.shutdown()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "connected" in done.stdout, done.stderr
+    assert "Token authentication" not in done.stderr and "fork" not in done.stderr, done.stderr
 
 
 def _cohort(sections, tmp_path, n: int) -> list:

@@ -311,3 +311,90 @@ def test_out_is_refused_inside_the_store(guarded, tmp_path):
         assert result.exit_code == 1 and "inside the store" in result.output, (target, result.output)
     result = run("sql", "SELECT count(*) AS n FROM spots", "--db", guarded, "--out", tmp_path / "n.csv")
     assert (tmp_path / "n.csv").read_text().splitlines()[0] == "n"
+
+
+# ---- sealed: links, raw datasets, SQL text, hidden files --------------------------------------
+def test_a_named_link_to_a_file_that_is_not_a_data_file_is_refused(guarded, tmp_path):
+    """The allow-list and the store check both take the named path resolved (links, ``..``): a
+    ``*.csv`` link to another file is refused, not read; --allow-files opens it."""
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    link = tmp_path / "innocent.csv"
+    link.symlink_to(secret / "passwd")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "up").symlink_to(secret)
+    for named in (link, f"{tmp_path}/sub/../innocent.csv", f"{tmp_path}/sub/up/../innocent.csv"):
+        result = refused(guarded, f"SELECT * FROM read_csv('{named}')")
+        assert error_text(result).startswith(f"histoindex sql reads Parquet, CSV or JSON files: {named!s} leads to {secret / 'passwd'}, which is not one"), (
+            named
+        )
+        assert "root:x" not in result.output
+    result = run("sql", f"SELECT count(*) AS n FROM read_csv('{link}', header=false)", "--db", guarded, "--format", "csv", "--allow-files", secret / "passwd")
+    assert result.stdout.splitlines() == ["n", "1"]
+    # a link to a data file outside the store reads as the file itself
+    pl.DataFrame({"a": [3]}).write_parquet(secret / "real.parquet")
+    (tmp_path / "alias.parquet").symlink_to(secret / "real.parquet")
+    result = run("sql", f"SELECT a FROM '{tmp_path / 'alias.parquet'}'", "--db", guarded, "--format", "csv")
+    assert result.stdout.splitlines() == ["a", "3"]
+
+
+def test_the_raw_lance_datasets_are_not_part_of_the_sql_surface(guarded):
+    """Only the documented tables and views are reachable; the model weights nowhere."""
+    result = refused(guarded, "SELECT weights FROM _lance_models")
+    assert "_lance_models" in result.output and "does not exist" in result.output
+    result = run("sql", "DESCRIBE models", "--db", guarded, "--format", "json")
+    columns = [row["column_name"] for row in json.loads(result.stdout)]
+    assert "model_id" in columns and "config_json" in columns and "weights" not in columns
+    result = run("sql", "SELECT model_id FROM models", "--db", guarded, "--format", "csv")
+    assert result.stdout.splitlines() == ["model_id", Store(guarded).model().model_id]
+
+
+RUNS_SQL = "runs SQL given as text"
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        "query('SELECT content FROM read_text(''{csv}'')')",
+        "main.query('SELECT content FROM read_text(' || '''{csv}''' || ')')",
+        "\"QUERY\" /* x */ ('SELECT content FROM read_text(''{csv}'')')",
+        "json_execute_serialized_sql(json_serialize_sql('SELECT content FROM read_text(''{csv}'')'))",
+        "query_table('spots')",
+    ],
+)
+def test_functions_that_run_sql_text_are_refused(guarded, tmp_path, call):
+    csv = tmp_path / "a.csv"
+    csv.write_text("a\n1\n")
+    result = refused(guarded, f"SELECT * FROM '{csv}', {call.format(csv=csv)}")
+    assert RUNS_SQL in error_text(result), result.output
+    assert "a\\n1" not in result.output
+
+
+def test_table_functions_outside_the_reads_are_refused(guarded):
+    for call in ("enable_profiling()", "force_checkpoint()", "duckdb_secrets()", "arrow_scan(0, 0, 0)"):
+        result = refused(guarded, f"SELECT * FROM {call}")
+        assert "is not one of the table functions histoindex sql runs" in error_text(result), call
+    result = run("sql", "SELECT count(*) AS n FROM range(3), generate_series(1, 2), duckdb_tables()", "--db", guarded, "--format", "csv")
+    assert result.stdout.splitlines()[0] == "n"
+    result = run("sql", "SELECT y FROM (SELECT 1 AS x) AS query(y)", "--db", guarded, "--format", "csv")  # an alias, not a call
+    assert result.stdout.splitlines() == ["y", "1"]
+
+
+def test_a_glob_over_a_folder_with_hidden_files_reads_what_duckdb_matches(guarded, tmp_path):
+    """DuckDB's glob matches dotfiles (``._x.parquet`` from macOS shares): they are opened to it
+    like the others, so the statement reads them or fails on their content, naming them."""
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    for i in range(3):
+        pl.DataFrame({"i": [i]}).write_parquet(preds / f"slide{i}.parquet")
+    pl.DataFrame({"i": [10]}).write_parquet(preds / ".hidden.parquet")
+    result = run("sql", f"SELECT sum(i) AS s FROM read_parquet('{preds}/*.parquet')", "--db", guarded, "--format", "csv")
+    assert result.stdout.splitlines() == ["s", "13"]
+    (preds / "._slide0.parquet").write_bytes(b"\x00\x05\x16\x07AppleDouble")
+    result = refused(guarded, f"SELECT sum(i) AS s FROM read_parquet('{preds}/*.parquet')")
+    text = error_text(result)
+    assert "Permission Error" not in text and str(preds / "._slide0.parquet") in text
+    assert "the glob matched hidden files" in text
+    result = run("sql", f"SELECT sum(i) AS s FROM read_parquet('{preds}/[!.]*.parquet')", "--db", guarded, "--format", "csv")
+    assert result.stdout.splitlines() == ["s", "3"]

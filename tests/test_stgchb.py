@@ -140,9 +140,12 @@ def test_knn_graph_never_crosses_groups_and_ignores_other_groups():
 
 def test_knn_graph_small_groups_are_complete():
     xy = np.array([[0.0, 0.0], [1.0, 0.0], [5.0, 5.0], [100.0, 100.0]])
-    edges = knn_graph(xy, k=6, groups=np.array([0, 0, 0, 1]))
+    edges = knn_graph(xy, k=6, groups=np.array([0, 0, 0, 1]), pitch_um=np.inf)  # no distance bound
     assert edge_set(edges) == {(a, b) for a in range(3) for b in range(3)} | {(3, 3)}
     assert (knn_indices(xy, k=6, groups=np.array([0, 0, 0, 1]))[3] == -1).all()
+    # bounded (the default: 1.75 × the group's 1 µm spacing), the spot 6 µm away stands alone
+    bounded = knn_graph(xy, k=6, groups=np.array([0, 0, 0, 1]))
+    assert edge_set(bounded) == {(0, 0), (0, 1), (1, 0), (1, 1), (2, 2), (3, 3)}
 
 
 @pytest.mark.parametrize("layout", ["random", "grid"])

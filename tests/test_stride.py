@@ -15,6 +15,7 @@ import pytest
 from histoindex.io import open_slide
 from histoindex.patch import default_stride_um, tile_grid, tissue_mask
 from histoindex.store import Store
+from histoindex.synthetic import make_section, write_section
 
 from .conftest import error_line, run
 
@@ -126,25 +127,32 @@ def test_the_default_stride_is_the_spot_pitch_of_one_platform_else_the_patch(sto
     assert "centred every 100 µm (the visium spot pitch)" in result.output
     assert _provenance(out)["stride_um"] == 100.0
 
-    run("ingest", sections.other_h5ad, "--tissue", "breast", "--platform", "st", "--dataset", "other", "--db", store)
+    st_h5ad, _ = write_section(  # a legacy-ST reference: a square 200 µm lattice (--platform st must match it)
+        make_section(seed=3, size_px=2600, spot_spacing_um=200.0, spot_diameter_um=100.0, lattice="square"), tmp_path / "st", name="syn-st"
+    )
+    run("ingest", st_h5ad, "--tissue", "breast", "--platform", "st", "--dataset", "other", "--db", store)
     mixed = _query(store, sections.heldout_tif, out)
-    assert "the references mix platforms (st, visium)" in mixed.output
-    assert _provenance(out)["stride_um"] == PATCH_UM
+    assert "centred every 100 µm (the default's 100 µm limit: the references mix platforms (st, visium); --stride-um sets another)" in mixed.output
+    assert _provenance(out)["stride_um"] == 100.0  # the 110 µm patch, at most 100 µm
     _query(store, sections.heldout_tif, out, "--platform", "visium")
     assert _provenance(out)["stride_um"] == 100.0
-    st = _query(store, sections.heldout_tif, out, "--platform", "st")  # ST's 200 µm pitch is coarser than the patch
-    assert "the st spot pitch, 200 µm, is not finer" in st.output
-    assert _provenance(out)["stride_um"] == PATCH_UM
+    st = _query(store, sections.heldout_tif, out, "--platform", "st")  # ST's 200 µm pitch: too coarse a map
+    assert "centred every 100 µm (the default's 100 µm limit: the st spot pitch, 200 µm, is not finer; --stride-um sets another)" in st.output
+    assert _provenance(out)["stride_um"] == 100.0
 
 
 def test_default_stride_rule():
     assert default_stride_um(["visium"], 224.0) == (100.0, "the visium spot pitch")
     assert default_stride_um(["Visium", "visium "], 224.0)[0] == 100.0
-    assert default_stride_um(["st"], 224.0)[0] == 200.0
-    assert default_stride_um(["st"], 112.0)[0] == 112.0
-    assert default_stride_um(["visium", "st"], 224.0)[0] == 224.0
-    assert default_stride_um(["xenium"], 224.0)[0] == 224.0
-    assert default_stride_um([], 224.0)[0] == 224.0
+    # legacy ST's 200 µm pitch would map a 1.5 mm section in a handful of tiles: at most 100 µm
+    assert default_stride_um(["st"], 224.0) == (100.0, "the default's 100 µm limit: the st spot pitch, 200 µm, is not finer; --stride-um sets another")
+    assert default_stride_um(["st"], 112.0)[0] == 100.0
+    assert default_stride_um(["st"], 80.0) == (80.0, "the patch size: the st spot pitch, 200 µm, is not finer")
+    assert default_stride_um(["visium"], 64.0) == (64.0, "the patch size: the visium spot pitch, 100 µm, is not finer")
+    assert default_stride_um(["visium", "st"], 224.0)[0] == 100.0
+    assert default_stride_um(["xenium"], 224.0)[0] == 100.0
+    assert default_stride_um([], 224.0) == (100.0, "the default's 100 µm limit; --stride-um sets another")
+    assert default_stride_um([], 64.0) == (64.0, "the patch size")
 
 
 @pytest.mark.parametrize(

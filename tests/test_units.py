@@ -27,7 +27,7 @@ def test_layouts_come_from_the_schema_files():
     assert spots.field("image_embedding").type == pa.list_(pa.float32(), 256)
     assert spots.field("expression").type == pa.list_(pa.float32())
     assert schemas.embedding_dim() == 256
-    assert spots.metadata[b"histoindex.schema_version"] == b"2"
+    assert spots.metadata[b"histoindex.schema_version"] == b"3"
     # the key in column order (Lance matches concurrent inserts only in primary-key field order),
     # each key column marked as such for Lance
     assert schemas.layout("spots").key == ("spot_id", "dataset", "model_id")

@@ -145,10 +145,11 @@ def gene_aliases(var, var_names: np.ndarray) -> np.ndarray | None:
     return None
 
 
-def h5ad_pixel_size(path: str | Path, *, xy_px: np.ndarray, platform: str) -> PixelSize:
+def h5ad_pixel_size(path: str | Path, *, xy_px: np.ndarray, platform: str | None, default_platform: str | None = "visium") -> PixelSize:
     """The pixel size of a spots ``.h5ad`` by the rules references follow (spot pitch from the
     array coordinates or the spacing of ``xy_px``, else ``spot_diameter_fullres``), with no image:
-    for ``query --spots`` on a slide whose metadata has no pixel size."""
+    for ``query --spots`` on a slide whose metadata has no pixel size. The spots' lattice decides the
+    platform; ``platform`` (given) must agree with it, ``default_platform`` applies when it does not tell."""
     import anndata
 
     path = Path(path)
@@ -166,7 +167,7 @@ def h5ad_pixel_size(path: str | Path, *, xy_px: np.ndarray, platform: str) -> Pi
         adata.file.close()
     return reference_pixel_size(
         mpp=None, image_path=None, image_scale=1.0, xy_px=xy_px, platform=platform, array_rows=rows, array_cols=cols,
-        spot_diameter_px=diameter, where=str(path), diameter_source=f"spot_diameter_fullres in {path.name}",
+        spot_diameter_px=diameter, where=str(path), diameter_source=f"spot_diameter_fullres in {path.name}", default_platform=default_platform,
     )  # fmt: skip
 
 
@@ -175,10 +176,11 @@ def read_h5ad(
     path: str | Path,
     *,
     image: str | Path | None = None,
-    platform: str = "visium",
+    platform: str | None = None,
     name: str | None = None,
     mpp: float | None = None,
     log_normalised: bool = False,
+    metadata: PixelSize | None = None,
 ) -> SpotSet:
     """Read a Visium-layout ``.h5ad`` into a SpotSet.
 
@@ -186,15 +188,21 @@ def read_h5ad(
     ----------
     path: the ``.h5ad`` file.
     image: full-resolution H&E; overrides ``source_image_path`` in the file.
-    platform: sets the spot pitch used for the pixel size when the image has none (visium 100 µm,
-        st 200 µm; see :mod:`histoindex.io.pixelsize`).
+    platform: visium or st, to confirm the platform the spot lattice shows (an error when it
+        contradicts it); None: the lattice decides, else visium (see :mod:`histoindex.io.pixelsize`).
     name: dataset name (default: the file stem).
     mpp: micrometres per full-resolution pixel, overriding every other source.
     log_normalised: X is log1p(CP10k) of a gene subset (only used when no raw counts are present).
+    metadata: a pixel size the dataset's own metadata states (HEST's estimate): used before the
+        image's and the spot layout's, and cross-checked with them.
     """
     path = Path(path)
     adata = _read(path)
     where = f"{path}"
+    if adata.n_obs == 0:  # said first: an empty file also lacks everything else
+        raise InputError(f"{where} has no spots (0 observations): nothing to ingest")
+    if adata.n_vars == 0:
+        raise InputError(f"{where} has no genes (0 variables): nothing to ingest")
     if "spatial" not in adata.obsm:
         raise InputError(
             f"{where} has no obsm['spatial'] (spot centres in full-resolution pixels); is this a spatial dataset in the scanpy/squidpy Visium layout?"
@@ -235,6 +243,7 @@ def read_h5ad(
         array_rows=rows,
         array_cols=cols,
         spot_diameter_px=diameter,
+        metadata=metadata,
         where=where,
         diameter_source="uns['spatial'][...]['scalefactors']['spot_diameter_fullres']",
     )
@@ -247,6 +256,7 @@ def read_h5ad(
         xy=xy,
         mpp=size.mpp,
         mpp_source=size.source,
+        platform=size.platform,
         image=image_ref,
         is_counts=is_counts,
         values_source=values_source,

@@ -15,14 +15,14 @@ numbers as numbers). Only the metadata's own keys are accepted, plus ``technolog
 ``st_technology`` and ``platform`` for the technology in histoindex's names (``visium``, ``st``, ...).
 
 The pixel size is the metadata's ``pixel_size_um_estimated`` (HEST's own estimate, which its code
-uses for every operation on the slide) unless ``mpp=`` is given; the store labels come from the
+uses for every operation on the slide) unless ``mpp=`` is given, cross-checked with the spot layout
+(:mod:`histoindex.io.pixelsize`: more than 1.5× apart is refused); the store labels come from the
 metadata: tissue = ``organ`` in lower case, platform from ``st_technology``, species ``human`` /
 ``mouse`` from ``Homo sapiens`` / ``Mus musculus``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -33,6 +33,7 @@ from ..data import SpotSet
 from ..errors import InputError
 from ._guard import reader
 from .h5ad import read_h5ad
+from .pixelsize import PixelSize
 
 #: HEST's ``st_technology`` -> the platform names histoindex uses (and its pixel-size code knows)
 PLATFORMS = {"visium": "visium", "spatial transcriptomics": "st", "st": "st", "visium hd": "visium-hd", "xenium": "xenium"}
@@ -268,16 +269,16 @@ def read_hest(
 ) -> SpotSet:
     """Read one sample of the HEST folder ``root`` (an id, or a :class:`HestSample` from
     :func:`hest_samples`) through :func:`~histoindex.io.read_h5ad`: ``st/ID.h5ad`` on the image
-    ``wsis/ID.tif``, at ``mpp`` or else the metadata's ``pixel_size_um_estimated`` (else the usual
-    pixel-size sources of the platform), named ``name`` or the id."""
+    ``wsis/ID.tif``, at ``mpp`` or else the metadata's ``pixel_size_um_estimated``, cross-checked
+    with the spot layout like every other source (:mod:`histoindex.io.pixelsize`), named ``name``
+    or the id. The sample's technology is the platform given, which its spot lattice must confirm."""
     if not isinstance(sample, HestSample):
         (sample,) = hest_samples(root, ids=[str(sample)])
-    platform = platform or sample.platform or "visium"
-    size = mpp if mpp is not None else sample.mpp
-    spots = read_h5ad(sample.st, image=sample.wsi, platform=platform, name=name or sample.id, mpp=size, log_normalised=log_normalised)
-    if mpp is None and size is not None:
-        spots = dataclasses.replace(spots, mpp_source=MPP_SOURCE)
-    return spots
+    metadata = PixelSize(sample.mpp, MPP_SOURCE) if sample.mpp is not None else None
+    return read_h5ad(
+        sample.st, image=sample.wsi, platform=platform or sample.platform, name=name or sample.id, mpp=mpp, log_normalised=log_normalised,
+        metadata=metadata,
+    )  # fmt: skip
 
 
 def hest_slide_mpp(slide: str | Path) -> float | None:

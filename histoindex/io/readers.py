@@ -32,7 +32,7 @@ def read_reference(
     path: str | Path,
     *,
     image: str | Path | None = None,
-    platform: str = "visium",
+    platform: str | None = None,
     name: str | None = None,
     mpp: float | None = None,
     spot_table: str | Path | None = None,
@@ -65,7 +65,7 @@ def read_reference(
                 f"{path} is read as legacy ST counts (spots × genes), which need {' and '.join(missing)}: "
                 "the spot table (x, y, pixel_x, pixel_y) and the full-resolution H&E"
             )
-        return read_st(path, spots=spot_table, image=image, name=name, mpp=mpp)
+        return read_st(path, spots=spot_table, image=image, name=name, mpp=mpp, platform=platform)
     elif suffix == ".h5ad":
         reader = read_h5ad
     else:

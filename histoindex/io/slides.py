@@ -92,13 +92,14 @@ class WholeSlide:
 
     def __init__(self, path: Path, *, mpp: float | None = None):
         self.path = path
-        self._osr = self._open(path)
+        with _tifffile_quiet():  # a damaged TIFF makes tifffile log a stray line of its own; the error below says it
+            self._osr = self._open(path)
         try:
             self.width, self.height = (int(v) for v in self._osr.dimensions)
             self.mpp = mpp if mpp is not None else self._metadata_mpp()
         except Exception as exc:  # opened, but its header describes no readable image
             self._osr.close()
-            raise InputError(f"cannot read slide {path} (is the file truncated or damaged?): {type(exc).__name__}: {exc}") from exc
+            raise InputError(f"slide {path} is damaged or truncated: its header describes no readable image ({type(exc).__name__}: {exc})") from exc
         if self.width <= 0 or self.height <= 0:
             self._osr.close()
             raise InputError(f"slide {path} has no pixels ({self.width}×{self.height})")
@@ -162,6 +163,56 @@ class WholeSlide:
 
     def close(self) -> None:
         self._osr.close()
+
+
+@contextlib.contextmanager
+def _tifffile_quiet():
+    import logging
+
+    logger = logging.getLogger("tifffile")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+#: files that are references or positions, never slides: named in the error when given as one
+ANNDATA_SUFFIXES = {".h5ad", ".h5", ".zarr", ".loom"}
+
+
+@reader("a slide or image")
+def probe_slide(path: str | Path, *, mpp: float | None = None) -> tuple[int, int, float | None]:
+    """``(width, height, mpp)`` of a slide from its header alone (no pixel is decoded), with every
+    error :func:`open_slide` would give: a command checks its slide with this before it loads a
+    model, so a wrong path, a reference given as a slide, a bad ``--mpp`` or a damaged file fail in
+    the first second."""
+    path = Path(path)
+    if mpp is not None and not (np.isfinite(mpp) and mpp > 0):
+        raise InputError(f"--mpp must be a positive number of micrometres per pixel, got {mpp}")
+    if not path.exists():
+        raise InputError(f"slide not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix in ANNDATA_SUFFIXES:
+        raise InputError(
+            f"{path.name} is a reference/positions file, not a slide: give the slide image (.svs, .tif, .jpg, …), "
+            f"and {path.name} as --spots to predict at its positions (or `histoindex ingest` it as a reference)"
+        )
+    if path.is_dir():
+        raise InputError(f"{path} is a folder, not a slide file")
+    if suffix in PLAIN_SUFFIXES:
+        try:
+            with _large_images_allowed(), Image.open(path) as img:
+                width, height = img.size
+        except Exception as exc:
+            raise InputError(f"cannot read image {path}: {exc}") from exc
+        return width, height, mpp
+    slide = open_slide(path, mpp=mpp)
+    try:
+        return slide.width, slide.height, slide.mpp
+    finally:
+        slide.close()
 
 
 @reader("a slide or image")

@@ -181,7 +181,7 @@ def read_spaceranger(
     path: str | Path,
     *,
     image: str | Path | None = None,
-    platform: str = "visium",
+    platform: str | None = None,
     name: str | None = None,
     mpp: float | None = None,
 ) -> SpotSet:
@@ -192,7 +192,7 @@ def read_spaceranger(
     path: the ``outs/`` folder (or the run folder holding it).
     image: the full-resolution H&E the positions refer to (Space Ranger does not keep it); without
         it the hires PNG is used, scaled by ``tissue_hires_scalef``, with a warning.
-    platform: sets the spot pitch used for the pixel size when the image has none (visium 100 µm).
+    platform: confirms the platform the spot lattice shows (visium; an error when it contradicts it).
     name: dataset name (default: the folder name, or its parent's when it is called ``outs``).
     mpp: micrometres per full-resolution pixel, overriding every other source.
     """
@@ -242,6 +242,7 @@ def read_spaceranger(
         xy=xy,
         mpp=size.mpp,
         mpp_source=size.source,
+        platform=size.platform,
         image=image_ref,
         is_counts=looks_like_counts(X),
         spot_diameter_px=diameter,

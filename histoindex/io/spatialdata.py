@@ -246,7 +246,7 @@ def read_spatialdata(
     path: str | Path,
     *,
     image: str | Path | None = None,
-    platform: str = "visium",
+    platform: str | None = None,
     name: str | None = None,
     mpp: float | None = None,
     log_normalised: bool = False,
@@ -300,7 +300,7 @@ def read_spatialdata(
             raise InputError(f"image not found: {image} (given with --image)")
         image_ref, xy, px_per_unit = ImageRef(path=image), centres, 1.0
         microns = [cs for cs in shapes_to if _is_micron_system(cs)]
-        if mpp is None and microns:
+        if microns:
             size = PixelSize(_linear_scale(_affine(shapes_to[microns[0]])), f"coordinate transformation of shapes {shapes_name!r} to {microns[0]!r}")
     else:
         image_name, system, to_image = _finest_image(sdata, shapes_to, path)
@@ -316,23 +316,23 @@ def read_spatialdata(
         image_ref = ImageRef(array=_image_array(sdata.images[image_name], where=f"{where}: image {image_name!r}"))
         image_to = get_transformation(sdata.images[image_name], get_all=True)
         microns = [cs for cs in image_to if _is_micron_system(cs)]
-        if mpp is None and microns:
+        if microns:
             size = PixelSize(_linear_scale(_affine(image_to[microns[0]])), f"coordinate transformation of image {image_name!r} to {microns[0]!r}")
     diameter = 2 * float(np.median(radius)) * px_per_unit if radius is not None and len(radius) else None
-    if size is None:
-        array_rows, array_cols = array_coordinates(table.obs)
-        size = reference_pixel_size(
-            mpp=mpp,
-            image_path=image_ref.path,
-            image_scale=1.0,
-            xy_px=xy,
-            platform=platform,
-            array_rows=array_rows,
-            array_cols=array_cols,
-            spot_diameter_px=diameter,
-            where=where,
-            diameter_source=f"2 × the radius of shapes {shapes_name!r} (spot_diameter_fullres)",
-        )
+    array_rows, array_cols = array_coordinates(table.obs)
+    size = reference_pixel_size(
+        mpp=mpp,
+        image_path=image_ref.path,
+        image_scale=1.0,
+        xy_px=xy,
+        platform=platform,
+        array_rows=array_rows,
+        array_cols=array_cols,
+        spot_diameter_px=diameter,
+        metadata=size,  # the transformation to micrometres, cross-checked with the spot layout
+        where=where,
+        diameter_source=f"2 × the radius of shapes {shapes_name!r} (spot_diameter_fullres)",
+    )
     X, var_names, is_counts, values_source = expression_matrix(table, f"{where}: table {table_name!r}", log_normalised=log_normalised)
     return SpotSet(
         name=name or path.stem,
@@ -343,6 +343,7 @@ def read_spatialdata(
         xy=np.asarray(xy, np.float64),
         mpp=size.mpp,
         mpp_source=size.source,
+        platform=size.platform,
         image=image_ref,
         is_counts=is_counts,
         values_source=f"table {table_name!r} {values_source}",

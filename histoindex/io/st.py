@@ -156,6 +156,7 @@ def read_st(
     image: str | Path,
     name: str | None = None,
     mpp: float | None = None,
+    platform: str | None = None,
 ) -> SpotSet:
     """Read a legacy ST section (counts TSV + spot table + full-resolution image) into a SpotSet.
 
@@ -166,6 +167,7 @@ def read_st(
     image: the full-resolution H&E that pixel_x/pixel_y refer to.
     name: dataset name (default: the counts file name without extensions).
     mpp: micrometres per full-resolution pixel, overriding the image metadata and the grid fit.
+    platform: confirms the platform the array lattice shows (st; an error when it contradicts it).
     """
     counts_path, spots_path, image_path = Path(counts), Path(spots), Path(image)
     if not image_path.exists():
@@ -180,7 +182,8 @@ def read_st(
         image_path=image_path,
         image_scale=1.0,
         xy_px=xy,
-        platform="st",
+        platform=platform,
+        default_platform="st",
         array_rows=table["y"].to_numpy(np.float64),
         array_cols=table["x"].to_numpy(np.float64),
         where=f"{spots_path}",
@@ -203,6 +206,7 @@ def read_st(
         xy=xy,
         mpp=size.mpp,
         mpp_source=size.source,
+        platform=size.platform,
         image=ImageRef(path=image_path),
         is_counts=looks_like_counts(X),
         spot_diameter_px=diameter,

@@ -44,6 +44,23 @@ def cell_um(provenance: dict) -> float:
     return stride if np.isfinite(stride) and stride > 0 else float(provenance.get("patch_um", 0.0) or 0.0)
 
 
+def json_values(value):
+    """``value`` as JSON's own types, nested containers kept (dicts with string keys, lists,
+    str, int, float, bool, None): numpy scalars and arrays as numbers and lists, a non-finite
+    float as None, anything else (paths, dates) as its str; never a Python repr of a container."""
+    if isinstance(value, dict):
+        return {str(k): json_values(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset, np.ndarray)):
+        return [json_values(v) for v in (sorted(value, key=str) if isinstance(value, (set, frozenset)) else value)]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if value is None or isinstance(value, (str, int)):  # bool is an int
+        return value
+    return str(value)
+
+
 class PredictionWriter:
     """Per-tile (or per-spot) predictions written batch by batch: Parquet streams row groups and
     GeoJSON streams features to ``<out>.tmp`` (flat memory); .h5ad (one matrix) collects and writes
@@ -56,7 +73,7 @@ class PredictionWriter:
         self.parquet = self.path.suffix.lower() == ".parquet"
         self.geojson = self.path.suffix.lower() == ".geojson"
         self.id_column, self.slide, self.mpp, self.genes = id_column, slide, mpp, list(genes)
-        self.provenance = dict(provenance)
+        self.provenance = json_values(dict(provenance))  # the same JSON in every format
         # a cohort manifest's columns (patient, site, ...): the same value on every row of the slide
         self.metadata = {str(k): v for k, v in (metadata or {}).items()}
         base = ["slide", id_column, "x", "y", "x_um", "y_um"]
@@ -76,7 +93,7 @@ class PredictionWriter:
             fields += [pa.field(name, pa.float64()) for name in base[2:]]
             fields += [pa.field(name, pa.scalar(value).type if value is not None else pa.string()) for name, value in self.metadata.items()]
             fields += [pa.field(gene, pa.float32()) for gene in self.genes]
-            self.schema = pa.schema(fields, metadata={"histoindex": json.dumps(self.provenance, default=str)})
+            self.schema = pa.schema(fields, metadata={"histoindex": json.dumps(self.provenance)})
 
     def write(self, ids: np.ndarray, xy: np.ndarray, values: np.ndarray) -> None:
         if self.geojson:
@@ -141,7 +158,7 @@ class PredictionWriter:
         obs = pd.DataFrame({"slide": self.slide, **self.metadata, "x_um": xy[:, 0] * mpp, "y_um": xy[:, 1] * mpp}, index=pd.Index(ids, name=self.id_column))
         adata = anndata.AnnData(X=values, obs=obs, var=pd.DataFrame(index=pd.Index(self.genes, name="gene")))
         adata.obsm["spatial"] = xy
-        adata.uns["histoindex"] = {k: (v if isinstance(v, (int, float, str)) else json.dumps(v, default=str)) for k, v in self.provenance.items()}
+        adata.uns["histoindex"] = {k: (v if isinstance(v, (int, float, str)) else json.dumps(v)) for k, v in self.provenance.items()}
         adata.uns["spatial"] = {Path(self.slide).stem: self._scanpy_spatial(xy)}
         adata.write_h5ad(self._tmp)
         self._tmp.replace(self.path)
@@ -185,7 +202,7 @@ class PredictionWriter:
         self._geojson = open(self._tmp, "w", encoding="utf-8")
         head = {
             "type": "FeatureCollection",
-            "histoindex": {k: v if isinstance(v, (int, float, str, type(None))) else str(v) for k, v in self.provenance.items()},
+            "histoindex": self.provenance,
         }
         self._geojson.write(json.dumps(head)[:-1] + ', "features": [\n')
 
@@ -196,7 +213,7 @@ class PredictionWriter:
         # a spot: the radius of the window it was predicted from; a tile: half its cell (the grid's
         # stride), so the squares tile the plane without overlap however much the windows overlap
         half = (float(self.provenance.get("patch_um", 0.0)) if spots else cell_um(self.provenance)) / self.mpp / 2
-        rounded = np.round(values.astype(np.float64), GEOJSON_DECIMALS).tolist()
+        rounded = np.round(values.astype(np.float64), GEOJSON_DECIMALS).tolist()  # NaN (no neighbour measured it): left out, as QuPath reads missing
         lines = []
         for i, (x, y) in enumerate(xy.tolist()):
             if spots:  # a measured position: a point, with the radius of the window it was predicted from
@@ -206,7 +223,12 @@ class PredictionWriter:
                 x0, y0, x1, y1 = x - half, y - half, x + half, y + half
                 geometry = {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]}
                 extra = {}
-            properties = {"objectType": "detection" if spots else "tile", "name": ids[i], **extra, "measurements": dict(zip(self.genes, rounded[i]))}
+            properties = {
+                "objectType": "detection" if spots else "tile",
+                "name": ids[i],
+                **extra,
+                "measurements": {g: v for g, v in zip(self.genes, rounded[i]) if v == v},
+            }
             lines.append(json.dumps({"type": "Feature", "geometry": geometry, "properties": properties}))
         if lines:
             self._geojson.write((",\n" if self._features else "") + ",\n".join(lines))
