@@ -57,22 +57,22 @@ def main() -> None:
 
     rows = []
     for views in (1, 2, 4, 8):
-        session = api.open_query(db=db, model_id=model_id, views=views)
-        api.query(slide, db=db, spots=warm, session=session, keep_predictions=False, commit=False)  # warm-up: first batches, caches
+        session = api.open_query(db, model_id=model_id, views=views)
+        session.answer(slide, spots=warm, keep_predictions=False, commit=False)  # warm-up: first batches, caches
         started = time.perf_counter()
-        result = api.query(slide, db=db, spots=spots, session=session, keep_predictions=False, commit=False)
+        result = session.answer(slide, spots=spots, keep_predictions=False, commit=False)
         seconds = time.perf_counter() - started
         rows.append((views, result.n_tiles, seconds))
         print(f"views {views}: {result.n_tiles} tiles in {seconds:.1f} s = {result.n_tiles / seconds:.1f} tiles/s", flush=True)
 
     plain = RetrievalSettings()
     recipe = RetrievalSettings(k=100, tau=0.03, impute="z", smooth=0.5)
-    base = api.open_query(db=db, model_id=model_id, views=1)
+    base = api.open_query(db, model_id=model_id, views=1)
     timings = {}
     for name, settings in (("plain top-50 mean", plain), ("default recipe's retrieval", recipe)):
         session = replace(base, retrieval=settings, k=settings.k)
         started = time.perf_counter()
-        result = api.query(slide, db=db, session=session, keep_predictions=False, commit=False)
+        result = session.answer(slide, keep_predictions=False, commit=False)
         timings[name] = (result.n_tiles, time.perf_counter() - started)
         n, seconds = timings[name]
         print(f"{name}: {n} tiles in {seconds:.1f} s = {n / seconds:.1f} tiles/s", flush=True)

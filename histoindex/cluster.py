@@ -6,8 +6,9 @@ streaming pipeline as a local query: reader threads inside the actor read and ti
 it embeds, searches and imputes. Shipping decoded tiles between processes would move ~150 kB per
 tile through Ray's object store for work that the actor's reader threads already overlap with
 embedding. Each slide's output file is written by the actor (atomically, so a retried slide
-replaces it); its prediction rows come back to the driver, which commits them to ``predictions``:
-one writer, one commit per slide (slides that finish together share one), and a slide whose actor died is retried by Ray (the actor
+replaces it); its prediction rows (and its ``tiles`` rows, the embeddings, unless
+``--no-keep-tiles``) come back to the driver, which commits them to ``tiles`` then ``predictions``:
+one writer, one commit per slide and table (slides that finish together share one), and a slide whose actor died is retried by Ray (the actor
 restarts and loads the model again) without anything reaching the store twice. The store is
 opened by URI on every node, so a shared ``s3://`` store works from many machines.
 
@@ -88,51 +89,41 @@ def actor_resources(ray) -> tuple[int, dict]:
 class SlidePredictor:
     """A Ray actor: the query session (model + references) loaded once, then slide after slide."""
 
-    def __init__(self, db: str, options: dict, batch_size: int, workers: int | None, device: str | None):
-        self.batch_size, self.workers = batch_size, workers
-        self.session = api.open_query(db=db, batch_size=batch_size, device=device, **options)
+    def __init__(self, db: str, options: api.QueryOptions):
+        self.session = api.open_query(db, options)
 
     def predict(self, entry: api.CohortSlide, out: str | None, mpp: float | None) -> api.QueryResult:
-        return api.query(
-            entry.path, db=self.session.store.uri, out=out, mpp=entry.mpp if entry.mpp is not None else mpp, workers=self.workers,
-            batch_size=self.batch_size, keep_predictions=False, commit=False, session=self.session, slide_name=entry.name, metadata=entry.metadata,
-        )  # fmt: skip
+        return self.session.answer(entry, out=out, mpp=mpp, keep_predictions=False, commit=False)
 
 
 def query_cohort(
     slides: Sequence,
     *,
     db: str | Path,
+    options: api.QueryOptions | None = None,
+    cohort: api.CohortOptions | None = None,
     address: str = "local",
-    out_dir: str | Path | None = None,
-    out_format: str = "parquet",
-    redo: bool = False,
-    mpp: float | None = None,
-    workers: int | None = None,
-    batch_size: int = 64,
-    device: str | None = None,
     actors: int | None = None,
     progress: api.Progress | None = None,
     log: api.Log = api._quiet,
-    **options,
 ) -> api.CohortResult:
     """:func:`histoindex.api.query_cohort` on a Ray cluster (``address``: see :func:`connect`):
     the same slides, skips, files, commits and predictions, slide by slide."""
+    options, cohort = options or api.QueryOptions(), cohort or api.CohortOptions()
     entries = api.cohort_slides(slides)
-    outs = api.cohort_outputs(entries, out_dir, out_format)
+    outs = api.cohort_outputs(entries, cohort.out_dir, cohort.out_format)
     store = Store(db)
     # every actor searches the same spots version, whatever is ingested while the cohort runs
-    as_of = options.pop("as_of", None)
-    spots = store.table("spots", version=int(as_of) if as_of is not None and str(as_of).isdigit() else as_of)  # as open_query reads it
-    record = store.query_model(version=spots.version, model_id=options.pop("model_id", None))
+    spots = store.table("spots", version=options.as_of)  # as open_query reads it
+    record = store.query_model(version=spots.version, model_id=options.model_id)
     model_id, spots_version = record.model_id, spots.version
-    results = api.open_results(store, results_db=options.get("results_db"), no_store=bool(options.get("no_store")))
-    asked = {name: options.get(name) for name in api.ANSWER_OPTIONS}
-    genes = api.predicted_genes(options.get("genes"), record.cfg.genes)  # as each actor's open_query resolves them
-    asked["genes"] = list(genes) if genes is not None else None
+    results = api.open_results(store, results_db=options.results_db, no_store=options.no_store)
+    asked = options.asked(api.predicted_genes(options.genes, record.cfg.genes))  # as each actor's open_query resolves them
     if results is not None and results is not store:
         asked["reference_db"] = store.uri
-    todo, skipped = api.plan_cohort(results, entries, outs, model_id=model_id, spots_version=spots_version, options=asked, redo=redo, mpp=mpp, log=log)
+    todo, skipped = api.plan_cohort(
+        results, entries, outs, model_id=model_id, spots_version=spots_version, options=asked, redo=cohort.redo, mpp=cohort.mpp, log=log
+    )
     result = api.CohortResult(skipped=skipped)
     if not todo:
         return result
@@ -140,8 +131,8 @@ def query_cohort(
     n_actors, resources = actor_resources(ray)
     n_actors = min(actors or n_actors, len(todo))
     remote = ray.remote(max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES, **resources)(SlidePredictor)
-    options = {**options, "as_of": spots_version, "model_id": model_id}
-    pool = [remote.remote(str(db), options, batch_size, workers, device) for _ in range(n_actors)]
+    options = options.replace(as_of=spots_version, model_id=model_id)
+    pool = [remote.remote(str(db), options) for _ in range(n_actors)]
     log(f"{len(todo)} slides on {n_actors} Ray actor{'s' if n_actors > 1 else ''} ({', '.join(f'{k}={v}' for k, v in resources.items())} each)")
     started, done, tiles = time.perf_counter(), 0, 0
     pending, running = list(todo), {}
@@ -150,7 +141,7 @@ def query_cohort(
             while pending and pool:
                 actor = pool.pop()
                 entry, out = pending.pop(0)
-                running[actor.predict.remote(entry, None if out is None else str(out), mpp)] = (actor, entry)
+                running[actor.predict.remote(entry, None if out is None else str(out), cohort.mpp)] = (actor, entry)
             # wait for one slide, then take every other slide finished meanwhile: they share a commit
             (first,), _ = ray.wait(list(running), num_returns=1)
             ready = [first] + ray.wait([r for r in running if r != first], num_returns=len(running) - 1, timeout=0)[0] if len(running) > 1 else [first]
@@ -169,15 +160,18 @@ def query_cohort(
                     result.failed.append((entry.name, f"its Ray worker died {MAX_RETRIES + 1} times: {exc}"))
                     log(f"[{done}/{len(todo)}] {entry.name}: failed: its Ray worker died")
                     pool.remove(actor)
-                    pool.append(remote.remote(str(db), options, batch_size, workers, device))
+                    pool.append(remote.remote(str(db), options))
             rows = [r.rows for r in finished if r.rows is not None]
+            tile_rows = [r.tile_rows for r in finished if r.tile_rows is not None]
             if results is None:  # --no-store: the files are the answer
                 version = -1
             else:
+                if tile_rows:  # the slides' tiles first, as a local query: predictions never name an index that is not there
+                    results.add_tiles(pa.concat_tables(tile_rows))
                 version = results.add_predictions(pa.concat_tables(rows)) if rows else results.table("predictions").version
             for r in finished:
                 tiles += r.n_tiles
-                result.predicted.append(replace(r, predictions_version=version, rows=None))
+                result.predicted.append(replace(r, predictions_version=version, rows=None, tile_rows=None))
                 rate = tiles / (time.perf_counter() - started)
                 log(f"{r.slide}: {r.n_tiles} tiles in {r.seconds:.1f} s; predictions@{version} (cohort: {done}/{len(todo)} slides, {rate_text(rate, 'tiles')})")
             if progress is not None:

@@ -76,6 +76,10 @@ class ModelConfig:
 
     method: str = "bleep"
     backbone: str = "resnet18"
+    # an encoder described by its own config (--backbone hf-hub:/local-dir:): the timm model args of
+    # ``backbone`` (its architecture), recorded so the model rebuilds without the hub or the folder.
+    # None for a plain timm name; omitted from to_json then, so existing model ids hash as before.
+    backbone_args: dict | None = field(default=None, hash=False)
     weights: str = ""  # "" (random init), "timm" (timm's hub weights) or the local file it came from
     patch_px: int = 224
     patch_um: float = 110.0
@@ -115,6 +119,8 @@ class ModelConfig:
         for optional in ("method_params", "retrieval"):
             if not values[optional]:
                 del values[optional]
+        if values["backbone_args"] is None:
+            del values["backbone_args"]
         return json.dumps(values, sort_keys=True)
 
     @classmethod

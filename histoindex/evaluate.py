@@ -8,6 +8,7 @@ standardisation/PCA/ridge, the mean-expression baseline) sees the training secti
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import resource
 import sys
@@ -40,6 +41,8 @@ def _cache_path(cache: str | Path | None, ref: SpotSet, cfg, precision: str) -> 
     key = hashlib.sha256()
     for part in (ref.source, ref.name, cfg.backbone, cfg.weights, cfg.patch_um, cfg.patch_px, precision, ref.mpp, cfg.stain):
         key.update(str(part).encode())
+    if getattr(cfg, "backbone_args", None) is not None:  # an encoder configured by its own config.json
+        key.update(json.dumps(cfg.backbone_args, sort_keys=True).encode())
     key.update(np.ascontiguousarray(ref.xy, np.float64).tobytes())
     return Path(cache) / f"{ref.name}-{key.hexdigest()[:16]}.npy"
 
@@ -242,14 +245,8 @@ def evaluate(
     spot's log total counts regressed to the genes on the training spots. ``cache``: a folder where the frozen backbone's features of each section are kept
     between runs (keyed by the section's spots, the backbone, its weights, the patch geometry and
     the precision), so that comparing recipes does not recompute them."""
-    from .baselines import graph_smoothed
-    from .embed import backbone_features, batched, iter_image_features, resolve_device, resolve_precision
-    from .methods import get_method
-    from .models import create_model
-    from .patch import spot_patches, spot_stain
-    from .recipe import TrainOptions, answer_held_out, answer_spots, describe_inner_check, model_config, train_model, unit_rows
-    from .stain import normalised
-    from .train import TrainSection, seed_everything
+    from .embed import resolve_device, resolve_precision
+    from .recipe import TrainOptions, model_config
 
     options = options or TrainOptions()
     names = [r.name for r in references]
@@ -258,18 +255,63 @@ def evaluate(
     groups = held_out_groups(names, protocol=protocol, patients=patients, holdouts=holdouts)
     if len(references) < 2:
         raise InputError("evaluation needs at least two sections: one to hold out, one to train on")
-    patients = dict(patients or {})
     depths = {r.name: total_counts(r) for r in references}
     with_depth = baselines and all(d is not None for d in depths.values())
     if baselines and not with_depth:
         log("depth-only baseline skipped: some sections hold log-normalised values, not raw counts")
     torch_device = resolve_device(device)
-    precision = resolve_precision(precision, torch_device)  # what train, ingest and query use here
-
-    # Per-section work that does not depend on the fold is done once: patches, and the frozen
-    # backbone's features for all 8 views (used by the frozen baselines, and to train when the
-    # backbone is frozen). The backbone as loaded is the same in every fold.
+    run = _Run(
+        options=options, protocol=protocol, patients=dict(patients or {}), markers=list(markers), k=k, baselines=baselines, depths=depths,
+        with_depth=with_depth, device=torch_device, precision=resolve_precision(precision, torch_device), log=log,
+    )  # fmt: skip
     probe = model_config(references[:1], options)
+    patches, features = _section_inputs(run, references, probe, cache=cache)
+    folds, cfg = [], probe
+    for patient, held_names in groups:
+        fold_results, cfg = _fold(run, references, patches, features, patient=patient, held_names=held_names)
+        folds += fold_results
+    config = {
+        "protocol": protocol,
+        "patients": run.patients or None,
+        "options": {k2: getattr(options, k2) for k2 in options.__dataclass_fields__},
+        "k": k,
+        "retrieval": cfg.retrieval_settings.replace(k=k).to_dict() if folds else None,
+        "baseline_k": BASELINE_K,
+        "context_only": [s for s in CONTEXT_ONLY if with_depth],
+        "markers": list(markers),
+        "device": str(torch_device),
+        "precision": run.precision,
+    }
+    return Evaluation(folds=folds, config=config)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every fold of one evaluation shares."""
+
+    options: object
+    protocol: str
+    patients: dict
+    markers: list
+    k: int | None
+    baselines: bool
+    depths: dict
+    with_depth: bool
+    device: object
+    precision: str
+    log: Callable[[str], None]
+
+
+def _section_inputs(run: _Run, references: Sequence[SpotSet], probe, *, cache) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per-section work that does not depend on the fold, done once: the patches, and the frozen
+    backbone's features for all 8 views (used by the frozen baselines, and to train when the
+    backbone is frozen). The backbone as loaded is the same in every fold."""
+    from .embed import backbone_features, batched
+    from .models import create_model
+    from .patch import spot_patches, spot_stain
+    from .stain import normalised
+    from .train import seed_everything
+
     seed_everything(probe.seed)  # a randomly initialised backbone is then the one train_model builds
     frozen = create_model(probe.replace(genes=probe.genes[:1]), weights=probe.weights or None)
     patches: dict[str, np.ndarray] = {}
@@ -278,129 +320,141 @@ def evaluate(
         # the section's pixels as the model sees them: stain-normalised as ingest and query do
         stain = spot_stain(ref, stain=probe.stain, patch_um=probe.patch_um, patch_px=probe.patch_px)
         patches[ref.name] = next(normalised([spot_patches(ref, patch_um=probe.patch_um, patch_px=probe.patch_px)], stain))
-        if baselines or probe.freeze_backbone:
-            path = _cache_path(cache, ref, probe, precision)
+        if run.baselines or probe.freeze_backbone:
+            path = _cache_path(cache, ref, probe, run.precision)
             if path is not None and path.exists():
                 features[ref.name] = np.load(path)
-                log(f"features of {ref.name} from {path}")
+                run.log(f"features of {ref.name} from {path}")
                 continue
-            features[ref.name] = backbone_features(frozen, batched(patches[ref.name], 64), device=torch_device, views=8, precision=precision)
+            features[ref.name] = backbone_features(frozen, batched(patches[ref.name], 64), device=run.device, views=8, precision=run.precision)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 np.save(path.with_suffix(".tmp.npy"), features[ref.name])
                 os.replace(path.with_suffix(".tmp.npy"), path)
     del frozen
+    return patches, features
+
+
+def _fold(run: _Run, references: Sequence[SpotSet], patches: dict, features: dict, *, patient, held_names: Sequence[str]):
+    """One fold: train on the sections not held out, then answer and score each held-out section
+    (the model exactly as ingest → query --spots, and the baselines). Returns its results and config."""
+    from .embed import batched, iter_image_features
+    from .methods import get_method
+    from .recipe import answer_held_out, describe_inner_check, model_config, train_model
+    from .train import TrainSection
+
+    options, log = run.options, run.log
+    tests = [r for name in held_names for r in references if r.name == name]
+    train = [r for r in references if r.name not in held_names]
+    started = time.perf_counter()
+    # genes chosen on the training sections only, among those every held-out section measures
+    measured = set.intersection(*(set(map(str, t.var_names)) for t in tests))
+    cfg = model_config(train, options, genes_among=[g for g in map(str, tests[0].var_names) if g in measured])
+    genes = list(cfg.genes)
+    what = f"patient {patient} ({', '.join(held_names)})" if run.protocol == "patient" else held_names[0]
+    log(f"fold {what}: training {cfg.method} on {', '.join(r.name for r in train)} ({sum(r.n_obs for r in train)} spots, {len(genes)} genes)")
+    cached = [features[r.name] for r in train] if cfg.freeze_backbone else None
+    result = train_model(
+        train, cfg, weights=cfg.weights or None, device=run.device, features=cached, precision=run.precision, check=options.inner_check,
+        fallback=options.fallback,
+    )  # fmt: skip
+    train_seconds = time.perf_counter() - started - result.metrics.get("inner_check", {}).get("seconds", 0.0)
+    if "inner_check" in result.metrics:
+        log(f"fold {what}: {describe_inner_check(result.metrics['inner_check'], fallback='fallback' in result.metrics)}")
+    cfg, method = result.cfg, get_method(result.cfg.method)  # the frozen-retrieval model when training fell back
+    model = result.model.to(run.device).eval()
+    views = max(cfg.views, 1)
+    if cfg.freeze_backbone:  # what ingest and query compute: features averaged over the model's views
+        view_features = {name: cached[:, :views].mean(axis=1) for name, cached in features.items()}
+    else:
+        view_features = {
+            r.name: np.concatenate(list(iter_image_features(model, batched(patches[r.name], 64), device=run.device, precision=run.precision)))
+            for r in (*train, *tests)
+        }
+
+    # exactly ingest → query --spots: each training section embedded as a reference (its own
+    # graph for a graph method), the held-out spots as queries, exact top-k, mean profile
+    refs = [TrainSection(r.name, r.normalized(genes), r.xy * r.mpp, features=view_features[r.name]) for r in train]
+    train_expr = np.concatenate([r.expression for r in refs])
+    retrieval = cfg.retrieval_settings.replace(k=run.k)
+    fitted = _fit_baselines(run, train, tests, patches, features, train_expr, views) if run.baselines else {}
     folds = []
-    for patient, held_names in groups:
-        tests = [references[names.index(h)] for h in held_names]
-        train = [r for r in references if r.name not in held_names]
-        started = time.perf_counter()
-        # genes chosen on the training sections only, among those every held-out section measures
-        measured = set.intersection(*(set(map(str, t.var_names)) for t in tests))
-        cfg = model_config(train, options, genes_among=[g for g in map(str, tests[0].var_names) if g in measured])
-        genes = list(cfg.genes)
-        method = get_method(cfg.method)
-        what = f"patient {patient} ({', '.join(held_names)})" if protocol == "patient" else held_names[0]
-        log(f"fold {what}: training {cfg.method} on {', '.join(r.name for r in train)} ({sum(r.n_obs for r in train)} spots, {len(genes)} genes)")
-        cached = [features[r.name] for r in train] if cfg.freeze_backbone else None
-        result = train_model(
-            train, cfg, weights=cfg.weights or None, device=torch_device, features=cached, precision=precision, check=options.inner_check,
-            fallback=options.fallback,
-        )  # fmt: skip
-        train_seconds = time.perf_counter() - started - result.metrics.get("inner_check", {}).get("seconds", 0.0)
-        if "inner_check" in result.metrics:
-            log(f"fold {what}: {describe_inner_check(result.metrics['inner_check'], fallback='fallback' in result.metrics)}")
-        cfg, method = result.cfg, get_method(result.cfg.method)  # the frozen-retrieval model when training fell back
-        model = result.model.to(torch_device).eval()
-        views = max(cfg.views, 1)
-        if cfg.freeze_backbone:  # what ingest and query compute: features averaged over the model's views
-            view_features = {name: cached[:, :views].mean(axis=1) for name, cached in features.items()}
-        else:
-            view_features = {
-                r.name: np.concatenate(list(iter_image_features(model, batched(patches[r.name], 64), device=torch_device, precision=precision)))
-                for r in (*train, *tests)
-            }
-
-        # exactly ingest → query --spots: each training section embedded as a reference (its own
-        # graph for a graph method), the held-out spots as queries, exact top-k, mean profile
-        refs = [TrainSection(r.name, r.normalized(genes), r.xy * r.mpp, features=view_features[r.name]) for r in train]
-        train_expr = np.concatenate([r.expression for r in refs])
-        retrieval = cfg.retrieval_settings.replace(k=k)
-        fitted: dict = {}  # baselines fitted once per training set, answered for each held-out section
-        if baselines:
-            train_patches = np.concatenate([patches[r.name] for r in train])
-            f_train = np.concatenate([features[r.name][:, :views].mean(axis=1) for r in train])
-            fitted["colour"] = mean_colour(train_patches)
-            # the ridge penalty's inner CV: across training patients where there are two, else
-            # across training sections, else across spatial blocks of the one section
-            train_patients = [patients.get(r.name) for r in train]
-            if None not in train_patients and len(set(train_patients)) > 1:
-                fitted["groups"], labels = "patients", np.repeat(train_patients, [r.n_obs for r in train])
-            elif len(train) > 1:
-                fitted["groups"], labels = "sections", np.repeat([r.name for r in train], [r.n_obs for r in train])
-            else:
-                fitted["groups"], labels = "spatial blocks", spatial_blocks(train[0].xy)
-            f_tests = [features[t.name][:, :views].mean(axis=1) for t in tests]
-            ridge_all, fitted["ridge"] = ridge_cv(f_train, train_expr, np.concatenate(f_tests), labels)
-            fitted["ridge"]["groups"] = fitted["groups"]
-            fitted["ridge_predictions"] = np.split(ridge_all, np.cumsum([len(f) for f in f_tests])[:-1])
-            if with_depth:
-                fitted["depths"] = np.concatenate([depths[r.name] for r in train])
-        for t_index, test in enumerate(tests):
-            answer_started = time.perf_counter()
-            holdout = test.name
-            truth = test.normalized(genes)
-            test_xy_um = test.xy * test.mpp
-            held = TrainSection(test.name, truth, test_xy_um, features=view_features[holdout])
-            predicted, profiles = answer_held_out(method, model, refs, held, retrieval, device=torch_device)
-            predictions = {"histoindex": predicted}
-
-            if baselines:
-                predictions["neighbour-mean"] = graph_smoothed(predictions["histoindex"], test_xy_um)
-                predictions["mean"] = np.broadcast_to(train_expr.mean(axis=0), truth.shape).copy()
-                predictions["colour-retrieval"] = retrieval_mean(mean_colour(patches[holdout]), fitted["colour"], train_expr, BASELINE_K, metric="euclidean")
-                f_test = f_tests[t_index]
-                predictions["frozen-retrieval"] = retrieval_mean(f_test, f_train, train_expr, BASELINE_K)
-                predictions["frozen-retrieval+"] = answer_spots(unit_rows(f_test), unit_rows(f_train), profiles, retrieval, test_xy_um)
-                predictions["frozen-ridge"] = fitted["ridge_predictions"][t_index]
-                if with_depth:
-                    predictions["depth-only"] = depth_only(fitted["depths"], train_expr, depths[holdout])
-
-            sets = gene_sets(truth, genes, markers)
-            scores = {system: score(truth, pred, sets) for system, pred in predictions.items()}
-            folds.append(
-                FoldResult(
-                    holdout=holdout,
-                    train_sections=[r.name for r in train],
-                    n_train_spots=len(train_expr),
-                    n_test_spots=test.n_obs,
-                    n_genes=len(genes),
-                    scores=scores,
-                    spot_ids=test.obs_names,
-                    genes=genes,
-                    truth=truth,
-                    predictions=predictions,
-                    train_seconds=round(train_seconds, 1),
-                    epochs=len(result.metrics["train_loss"]),
-                    inner_check=result.metrics.get("inner_check"),
-                    method=cfg.method,
-                    patient=patient,
-                    ridge=fitted.get("ridge"),
-                    answer_seconds=round(time.perf_counter() - answer_started, 1),
-                    peak_rss_mb=peak_rss_mb(),
-                )
+    for t_index, test in enumerate(tests):
+        answer_started = time.perf_counter()
+        truth = test.normalized(genes)
+        test_xy_um = test.xy * test.mpp
+        held = TrainSection(test.name, truth, test_xy_um, features=view_features[test.name])
+        predicted, profiles = answer_held_out(method, model, refs, held, retrieval, device=run.device)
+        predictions = {"histoindex": predicted}
+        if run.baselines:
+            predictions.update(_baseline_predictions(run, fitted, test, t_index, predicted, patches, profiles, retrieval, train_expr))
+        sets = gene_sets(truth, genes, run.markers)
+        scores = {system: score(truth, pred, sets) for system, pred in predictions.items()}
+        folds.append(
+            FoldResult(
+                holdout=test.name,
+                train_sections=[r.name for r in train],
+                n_train_spots=len(train_expr),
+                n_test_spots=test.n_obs,
+                n_genes=len(genes),
+                scores=scores,
+                spot_ids=test.obs_names,
+                genes=genes,
+                truth=truth,
+                predictions=predictions,
+                train_seconds=round(train_seconds, 1),
+                epochs=len(result.metrics["train_loss"]),
+                inner_check=result.metrics.get("inner_check"),
+                method=cfg.method,
+                patient=patient,
+                ridge=fitted.get("ridge"),
+                answer_seconds=round(time.perf_counter() - answer_started, 1),
+                peak_rss_mb=peak_rss_mb(),
             )
-            log(f"fold {holdout}: " + "; ".join(f"{s} HEG {v['HEG-50']:.3f} HVG {v['HVG-50']:.3f}" for s, v in scores.items()))
-    config = {
-        "protocol": protocol,
-        "patients": patients or None,
-        "options": {k2: getattr(options, k2) for k2 in options.__dataclass_fields__},
-        "k": k,
-        "retrieval": cfg.retrieval_settings.replace(k=k).to_dict() if folds else None,
-        "baseline_k": BASELINE_K,
-        "context_only": [s for s in CONTEXT_ONLY if with_depth],
-        "markers": list(markers),
-        "device": str(torch_device),
-        "precision": precision,
+        )
+        log(f"fold {test.name}: " + "; ".join(f"{s} HEG {v['HEG-50']:.3f} HVG {v['HVG-50']:.3f}" for s, v in scores.items()))
+    return folds, cfg
+
+
+def _fit_baselines(run: _Run, train, tests, patches: dict, features: dict, train_expr: np.ndarray, views: int) -> dict:
+    """The baselines fitted once per training set, answered for each held-out section."""
+    fitted: dict = {}
+    train_patches = np.concatenate([patches[r.name] for r in train])
+    fitted["f_train"] = np.concatenate([features[r.name][:, :views].mean(axis=1) for r in train])
+    fitted["colour"] = mean_colour(train_patches)
+    # the ridge penalty's inner CV: across training patients where there are two, else
+    # across training sections, else across spatial blocks of the one section
+    train_patients = [run.patients.get(r.name) for r in train]
+    if None not in train_patients and len(set(train_patients)) > 1:
+        fitted["groups"], labels = "patients", np.repeat(train_patients, [r.n_obs for r in train])
+    elif len(train) > 1:
+        fitted["groups"], labels = "sections", np.repeat([r.name for r in train], [r.n_obs for r in train])
+    else:
+        fitted["groups"], labels = "spatial blocks", spatial_blocks(train[0].xy)
+    fitted["f_tests"] = f_tests = [features[t.name][:, :views].mean(axis=1) for t in tests]
+    ridge_all, fitted["ridge"] = ridge_cv(fitted["f_train"], train_expr, np.concatenate(f_tests), labels)
+    fitted["ridge"]["groups"] = fitted["groups"]
+    fitted["ridge_predictions"] = np.split(ridge_all, np.cumsum([len(f) for f in f_tests])[:-1])
+    if run.with_depth:
+        fitted["depths"] = np.concatenate([run.depths[r.name] for r in train])
+    return fitted
+
+
+def _baseline_predictions(run: _Run, fitted: dict, test, t_index: int, predicted, patches: dict, profiles, retrieval, train_expr) -> dict:
+    """Every baseline's answer for held-out section ``test`` (the ``t_index``-th of its fold)."""
+    from .baselines import graph_smoothed
+    from .recipe import answer_spots, unit_rows
+
+    test_xy_um = test.xy * test.mpp
+    f_test, f_train = fitted["f_tests"][t_index], fitted["f_train"]
+    predictions = {
+        "neighbour-mean": graph_smoothed(predicted, test_xy_um),
+        "mean": np.broadcast_to(train_expr.mean(axis=0), predicted.shape).copy(),
+        "colour-retrieval": retrieval_mean(mean_colour(patches[test.name]), fitted["colour"], train_expr, BASELINE_K, metric="euclidean"),
+        "frozen-retrieval": retrieval_mean(f_test, f_train, train_expr, BASELINE_K),
+        "frozen-retrieval+": answer_spots(unit_rows(f_test), unit_rows(f_train), profiles, retrieval, test_xy_um),
+        "frozen-ridge": fitted["ridge_predictions"][t_index],
     }
-    return Evaluation(folds=folds, config=config)
+    if run.with_depth:
+        predictions["depth-only"] = depth_only(fitted["depths"], train_expr, run.depths[test.name])
+    return predictions

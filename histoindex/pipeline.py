@@ -39,25 +39,22 @@ class PredictedChunk:
     values: np.ndarray  # (rows, genes) float32
 
 
-def predict(
+def embed_grid(
     open_slide: Callable[[], Slide],
     grid: PatchGrid,
     model,
-    references: References,
     *,
-    retrieval: RetrievalSettings,
     device,
     precision: str,
     batch_size: int = 64,
     workers: int = 1,
     progress: Progress | None = None,
     where: str = "",
-    pitch_um: float | None = None,
-) -> Iterator[PredictedChunk]:
-    """Predict expression at every position of ``grid`` (level-0 pixels of the slide
-    ``open_slide()`` opens), chunk by chunk, in grid order, as ``retrieval`` says (k, weights,
-    imputation space, spatial smoothing within 1.75 grid pitches: ``pitch_um``, the tile stride,
-    else the positions' spacing)."""
+) -> Iterator[np.ndarray]:
+    """The query-space embeddings (the ones the search uses) of every position of ``grid``, batch
+    by batch in grid order: patches read ahead by ``workers`` threads, stain-normalised, through
+    the backbone and the method's query encoder. Lazy: nothing is read until the first batch is
+    asked for."""
     cfg = model.cfg
     method = get_method(cfg.method)
     side_px = cfg.patch_um / grid.mpp
@@ -68,7 +65,14 @@ def predict(
         stain,
     )
     features = counted(iter_image_features(model, patches, device=device, precision=precision), "tiles", len(grid), progress)
-    embeddings = method.query_encoder(model, grid.xy * grid.mpp, device=device)(features)
+    yield from method.query_encoder(model, grid.xy * grid.mpp, device=device)(features)
+
+
+def answer(
+    embeddings: Iterable[np.ndarray], grid: PatchGrid, references: References, *, retrieval: RetrievalSettings, pitch_um: float | None = None
+) -> Iterator[PredictedChunk]:
+    """Search, impute and smooth query ``embeddings`` (in grid order, from :func:`embed_grid` or
+    from the ``tiles`` a query indexed before), every ``SEARCH_CHUNK`` rows together."""
     imputed = (impute(search(references, queries, k=retrieval.k), references, retrieval) for queries in rechunk(embeddings, SEARCH_CHUNK))
     done = 0
     for values in smoothed(imputed, grid.xy * grid.mpp, retrieval.smooth, retrieval.smooth_k, pitch_um=pitch_um):

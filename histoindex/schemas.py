@@ -17,7 +17,10 @@ import pyarrow as pa
 
 from .errors import SchemaMismatch
 
-TABLES = ("spots", "predictions", "models")
+TABLES = ("spots", "predictions", "models", "tiles")
+#: the tables a new store is created with (all: a store made before ``tiles`` existed gets that
+#: table from the first query that indexes a slide)
+CREATED_TABLES = TABLES
 
 _SCALARS = {
     "string": pa.string(),

@@ -1,6 +1,7 @@
 """SQL over the store with DuckDB: the tables are exposed as views over their Lance datasets
 (``spots`` and ``predictions`` scanned in place, never copied; ``models`` read without its
-``weights`` column, which is never in DuckDB), plus long-format views with one row per gene. Those
+``weights`` column, which is never in DuckDB; ``tiles`` without its ``embedding`` column, which
+``tiles_embeddings`` has), plus long-format views with one row per gene. Those
 are the whole SQL surface: no raw dataset is registered beside them.
 
 ``histoindex sql`` is read-only. It runs exactly one statement, and only one that reads: SELECT
@@ -37,6 +38,7 @@ import duckdb
 import pyarrow as pa
 
 from .errors import HistoindexError, StoreError
+from .schemas import layout
 from .store import WEIGHTS, Store, _local_path
 
 LONG_VIEWS = {
@@ -52,6 +54,9 @@ LONG_VIEWS = {
         FROM spots s JOIN models m USING (model_id)""",
 }
 
+#: the tiles table's views: ``tiles`` without the embeddings (what most statements want), and
+#: ``tiles_embeddings`` with them (the table as it is)
+TILES, TILES_EMBEDDINGS = "tiles", "tiles_embeddings"
 #: what ``histoindex sql`` runs, as named in its refusals
 READ_ONLY_KINDS = "SELECT, WITH, EXPLAIN, DESCRIBE, SUMMARIZE"
 #: the files a statement may name and read without --allow-files (case-insensitive)
@@ -253,7 +258,7 @@ def check_output_outside_store(out: str | Path, store: Store | None) -> Path:
 def _refuse_store(path: Path, shown: str, store_dir: Path) -> None:
     raise SqlError(
         f"histoindex sql does not read files inside the store ({store_dir}): {shown!r}; "
-        "query its tables (spots, predictions, models and the *_long views) instead"
+        "query its tables (spots, predictions, models, tiles and the *_long and tiles_embeddings views) instead"
     )
 
 
@@ -362,11 +367,14 @@ def connect(
         versions = versions or {}
         present = store.table_names()
         for name in present:
+            if name == TILES:
+                continue
             dataset = store.table(name, version=versions.get(name)).to_lance()
             if WEIGHTS in dataset.schema.names:  # models: read without the weights, which never reach DuckDB
                 con.register(name, dataset.to_table(columns=[c for c in dataset.schema.names if c != WEIGHTS]))
             else:
                 con.register(name, dataset)
+        _register_tiles(con, store, versions.get(TILES) if TILES in present else None, present=TILES in present)
         for view, body in LONG_VIEWS.items():
             needed = {"models", view.split("_")[0]}
             if needed <= set(present):
@@ -376,6 +384,17 @@ def connect(
     if read_only:
         lock_down(con, paths=allowed_paths, directories=allowed_directories)
     return con
+
+
+def _register_tiles(con: duckdb.DuckDBPyConnection, store: Store, version: int | None, *, present: bool) -> None:
+    """``tiles_embeddings`` (the tiles table, scanned in place) and ``tiles`` (the same without the
+    embedding column, so ``SELECT *`` and joins do not drag 256 floats per row along). A store made
+    before the tiles table existed gets both, empty, with the table's layout."""
+    if present:
+        con.register(TILES_EMBEDDINGS, store.table(TILES, version=version).to_lance())
+    else:
+        con.register(TILES_EMBEDDINGS, layout(TILES).schema.empty_table())
+    con.execute(f"CREATE VIEW {TILES} AS SELECT * EXCLUDE (embedding) FROM {TILES_EMBEDDINGS}")
 
 
 def run_sql(store: Store | None, statement: str, *, allow_files: Iterable[str | Path] = ()) -> pa.Table:
@@ -399,7 +418,7 @@ def run_sql(store: Store | None, statement: str, *, allow_files: Iterable[str | 
             f"statement names outside the store (more with --allow-files): {exc}"
         ) from exc
     except duckdb.Error as exc:
-        tables = ", ".join(store.table_names() + [v for v in LONG_VIEWS]) if store else "none"
+        tables = ", ".join([t for t in store.table_names() if t != TILES] + [TILES, TILES_EMBEDDINGS, *LONG_VIEWS]) if store else "none"
         if hidden:
             shown = ", ".join(os.path.basename(h) for h in hidden[:3]) + (f" and {len(hidden) - 3} more" if len(hidden) > 3 else "")
             raise SqlError(f"{exc}\n(the glob matched hidden files, {shown}: leave them out with a pattern like '[!.]*.parquet')") from exc

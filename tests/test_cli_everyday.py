@@ -57,7 +57,7 @@ def test_train_with_a_frozen_backbone_estimates_the_feature_pass(sections, tmp_p
 def test_query_says_what_it_loads_and_opens(store, sections, tmp_path, monkeypatch):
     from histoindex import api
 
-    monkeypatch.setattr(api, "LARGE_SLIDE_BYTES", 0)  # every slide counts as large: the line shows
+    monkeypatch.setattr(api.querying, "LARGE_SLIDE_BYTES", 0)  # every slide counts as large: the line shows
     out = run("query", sections.heldout_tif, "--tissue", "breast", "--db", store).output
     lines = out.splitlines()
     loading = next(i for i, line in enumerate(lines) if line.startswith("loading model bleep-"))

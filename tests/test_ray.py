@@ -4,6 +4,7 @@ twice."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -68,13 +69,22 @@ def test_ray_gives_the_predictions_of_the_local_cohort(local_ray, store, section
     slides = _cohort(sections, tmp_path, 3)
     manifest = tmp_path / "cohort.csv"
     pl.DataFrame({"slide": [str(s) for s in slides], "patient": ["P1", "P2", "P2"], "stage": [2, 3, 1]}).write_csv(manifest)
-    before = Store(store).table("predictions").version
+    before, tiles_before = Store(store).table("predictions").version, Store(store).table("tiles").version
     with_ray = run("query", "--slides", manifest, "--tissue", "breast", "--out", tmp_path / "ray", "--db", store, "--ray", "local")
     assert "3 slides predicted" in with_ray.output and "0 failed" in with_ray.output
     # the driver commits each slide as it comes back (slides that finish together share a commit)
     assert before < Store(store).table("predictions").version <= before + 3
+    # ... its tiles too (the workers embed, the driver commits): one row per predicted tile
+    assert tiles_before < Store(store).table("tiles").version <= tiles_before + 3
+    indexed = pl.from_arrow(Store(store).table("tiles").to_arrow().select(["slide", "tile_id", "metadata"]))
+    predicted = pl.from_arrow(Store(store).table("predictions").to_arrow().select(["slide", "tile_id"]))
+    assert indexed.select(["slide", "tile_id"]).sort(["slide", "tile_id"]).equals(predicted.sort(["slide", "tile_id"]))
+    metadata = json.loads(indexed.filter(pl.col("slide") == "s0.tif")["metadata"][0])  # the manifest's columns, as locally
+    assert metadata["patient"] == "P1" and "stage" in metadata
+    tiles_version = Store(store).table("tiles").version
     local = run("query", "--slides", manifest, "--tissue", "breast", "--out", tmp_path / "local", "--redo", "--db", store)
     assert "3 slides predicted" in local.output
+    assert Store(store).table("tiles").version == tiles_version, "the local run answered from the tiles the Ray run indexed"
     genes = list(Store(store).model().cfg.genes)
     for slide in slides:
         name = f"{slide.stem}.parquet"

@@ -308,3 +308,14 @@ def write_pyramidal_tiff(path: str | Path, image: np.ndarray, *, mpp: float | No
                 h, w = level_img.shape[:2]
                 level_img = np.asarray(Image.fromarray(level_img).resize((max(1, w // 2), max(1, h // 2)), Image.BILINEAR))
     return path
+
+
+def file_sha256(path: str | Path, *, block: int = 8 << 20) -> str:
+    """sha256 of a file's bytes, read in blocks (a slide of a few GB hashes in seconds)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()

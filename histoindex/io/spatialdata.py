@@ -30,6 +30,7 @@ import numpy as np
 from ..data import ImageRef, SpotSet
 from ..errors import InputError, LowResolutionImageWarning
 from ._guard import reader
+from .geometry import cell_um
 
 #: the slide copy in a ``query --out x.zarr``: longer side at most this many pixels (level 0 if the
 #: slide is smaller), then halved per pyramid level down to about :data:`PYRAMID_FLOOR` pixels
@@ -101,8 +102,6 @@ def write_spatialdata(
     ids, xy, values = np.asarray(ids).astype(str), np.asarray(xy, np.float64).reshape(-1, 2), np.asarray(values, np.float32)
     n = len(ids)
     shapes_name = "spots" if id_column == "spot" else "tiles"
-    from .write import cell_um
-
     # spots: the window each prediction comes from; tiles: the grid cell each stands for (its stride)
     half = (float(provenance.get("patch_um", 0.0)) if shapes_name == "spots" else cell_um(provenance)) / mpp / 2
     index = pd.RangeIndex(n, name=INSTANCE_KEY)

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import InputError
+from .geometry import cell_um
 
 OUTPUT_SUFFIXES = (".parquet", ".h5ad", ".geojson", ".zarr")  # .zarr: SpatialData (io/spatialdata.py)
 #: outputs that ``plot`` and ``query --plot`` read back
@@ -31,17 +32,6 @@ def check_output_path(path: str | Path, suffixes: tuple[str, ...] = OUTPUT_SUFFI
 
         check_zarr_target(path)
     return path
-
-
-def cell_um(provenance: dict) -> float:
-    """The side (µm) of the square a grid prediction stands for: the grid's stride (``stride_um``),
-    or, in files from before strides, the patch size (tiles side by side)."""
-    stride = provenance.get("stride_um")
-    try:
-        stride = float(stride) if stride is not None else 0.0
-    except (TypeError, ValueError):
-        stride = 0.0
-    return stride if np.isfinite(stride) and stride > 0 else float(provenance.get("patch_um", 0.0) or 0.0)
 
 
 def json_values(value):

@@ -10,7 +10,7 @@ from . import (
 from ._config import ModelConfig
 from ._factory import create_model, load_model, save_weights, state_digest, weights_bytes
 from ._registry import is_model, list_models, register_model
-from .backbones import backbone_input_stats, create_backbone, load_backbone_weights
+from .backbones import BackboneSpec, backbone_input_stats, backbone_spec, create_backbone, is_config_backbone, load_backbone_weights
 from .pretrained import PretrainedSource, get_pretrained, is_pretrained, list_pretrained, register_pretrained
 
 __all__ = [
@@ -23,7 +23,10 @@ __all__ = [
     "is_model",
     "list_models",
     "register_model",
+    "BackboneSpec",
     "backbone_input_stats",
+    "backbone_spec",
+    "is_config_backbone",
     "create_backbone",
     "load_backbone_weights",
     "PretrainedSource",

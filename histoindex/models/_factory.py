@@ -11,24 +11,26 @@ from torch import nn
 from ..errors import InputError, StoreError
 from ._config import ModelConfig
 from ._registry import model_entrypoint
-from .backbones import load_backbone_weights
+from .backbones import is_config_backbone, load_backbone_weights
 from .pretrained import PretrainedSource, get_pretrained, is_pretrained
 
 
 def create_model(cfg: ModelConfig, *, weights: str | Path | None = None) -> nn.Module:
     """Build the model ``cfg.method`` describes. ``weights`` is a registered pretrained name
     (:func:`list_pretrained`, e.g. "lite0-imagenet"; it wins over a file of the same name), a local
-    backbone weights file, or "timm" for timm's own pretrained weights (needs network)."""
+    backbone weights file, "timm" for timm's own pretrained weights (needs network), or the
+    ``hf-hub:``/``local-dir:`` encoder ``cfg`` was configured from (its own weights, loaded by timm)."""
     if not cfg.genes:
         raise InputError("a model needs at least one gene")
     source = get_pretrained(str(weights)) if weights and is_pretrained(str(weights)) else None
     if source is not None:
         check_pretrained_fits(source, cfg)
-    model = model_entrypoint(cfg.method)(cfg, pretrained=weights == "timm")
+    encoder = str(weights) if is_config_backbone(str(weights)) else None
+    model = model_entrypoint(cfg.method)(cfg, pretrained=encoder or weights == "timm")
     if source is not None:
         state = source.loader(model.image_encoder)
         load_backbone_weights(model.image_encoder, state, source=f"{source.name!r}")
-    elif weights not in (None, "", "timm"):
+    elif weights not in (None, "", "timm") and encoder is None:
         load_backbone_weights(model.image_encoder, weights)
     return model
 
@@ -108,7 +110,21 @@ def load_model(cfg: ModelConfig, weights: bytes | str | Path, *, device: str | t
 
 #: the config fields that decide what a model computes and what it is fed: a stored model whose
 #: config disagrees with the one saved inside its weights on any of them is refused
-CONFIG_KEYS = ("method", "backbone", "patch_px", "patch_um", "mean", "std", "embed_dim", "genes", "normalisation", "views", "stain", "method_params")
+CONFIG_KEYS = (
+    "method",
+    "backbone",
+    "backbone_args",
+    "patch_px",
+    "patch_um",
+    "mean",
+    "std",
+    "embed_dim",
+    "genes",
+    "normalisation",
+    "views",
+    "stain",
+    "method_params",
+)
 
 
 def _saved_config(raw: bytes) -> ModelConfig | None:

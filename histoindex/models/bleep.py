@@ -14,11 +14,11 @@ from .layers import ImageNormalize, ProjectionHead
 
 
 class Bleep(nn.Module):
-    def __init__(self, cfg: ModelConfig, *, pretrained: bool = False):
+    def __init__(self, cfg: ModelConfig, *, pretrained: bool | str = False):
         super().__init__()
         self.cfg = cfg
         self.normalize = ImageNormalize(cfg.mean, cfg.std)
-        self.image_encoder = create_backbone(cfg.backbone, pretrained=pretrained)
+        self.image_encoder = create_backbone(cfg.backbone, pretrained=pretrained, args=cfg.backbone_args)
         self.image_projection = ProjectionHead(self.image_encoder.num_features, cfg.embed_dim, cfg.dropout)
         self.expression_projection = ProjectionHead(len(cfg.genes), cfg.embed_dim, cfg.dropout)
 
@@ -62,5 +62,5 @@ def bleep_loss(image_emb: torch.Tensor, expr_emb: torch.Tensor, temperature: flo
 
 
 @register_model
-def bleep(cfg: ModelConfig, *, pretrained: bool = False) -> Bleep:
+def bleep(cfg: ModelConfig, *, pretrained: bool | str = False) -> Bleep:
     return Bleep(cfg, pretrained=pretrained)

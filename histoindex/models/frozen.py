@@ -18,11 +18,11 @@ from .layers import ImageNormalize
 
 
 class FrozenRetrieval(Bleep):
-    def __init__(self, cfg: ModelConfig, *, pretrained: bool = False):
+    def __init__(self, cfg: ModelConfig, *, pretrained: bool | str = False):
         nn.Module.__init__(self)
         self.cfg = cfg
         self.normalize = ImageNormalize(cfg.mean, cfg.std)
-        self.image_encoder = create_backbone(cfg.backbone, pretrained=pretrained)
+        self.image_encoder = create_backbone(cfg.backbone, pretrained=pretrained, args=cfg.backbone_args)
         self.image_projection = nn.Linear(self.image_encoder.num_features, cfg.embed_dim, bias=False)
         nn.init.zeros_(self.image_projection.weight)
 
@@ -31,5 +31,5 @@ class FrozenRetrieval(Bleep):
 
 
 @register_model
-def frozen(cfg: ModelConfig, *, pretrained: bool = False) -> FrozenRetrieval:
+def frozen(cfg: ModelConfig, *, pretrained: bool | str = False) -> FrozenRetrieval:
     return FrozenRetrieval(cfg, pretrained=pretrained)

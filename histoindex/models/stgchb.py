@@ -267,14 +267,14 @@ class StGchb(nn.Module):
     # the backbone side is BLEEP's, shared rather than copied
     image_features = Bleep.image_features
 
-    def __init__(self, cfg: ModelConfig, *, pretrained: bool = False):
+    def __init__(self, cfg: ModelConfig, *, pretrained: bool | str = False):
         super().__init__()
         if not cfg.genes:
             raise InputError("a model needs at least one gene")
         self.cfg = cfg
         self.params = params = StgchbParams.from_cfg(cfg)
         self.normalize = ImageNormalize(cfg.mean, cfg.std)
-        self.image_encoder = create_backbone(cfg.backbone, pretrained=pretrained)
+        self.image_encoder = create_backbone(cfg.backbone, pretrained=pretrained, args=cfg.backbone_args)
         self.image_gcn = GcnEncoder(self.image_encoder.num_features, params.hidden, params.layers, skip=params.skip)
         self.expression_gcn = GcnEncoder(len(cfg.genes), params.hidden, params.layers, skip=params.skip)
         self.image_projection = ProjectionHead(params.hidden, cfg.embed_dim, cfg.dropout)
@@ -294,7 +294,7 @@ class StGchb(nn.Module):
 
 
 @register_model
-def stgchb(cfg: ModelConfig, *, pretrained: bool = False) -> StGchb:
+def stgchb(cfg: ModelConfig, *, pretrained: bool | str = False) -> StGchb:
     return StGchb(cfg, pretrained=pretrained)
 
 
