@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--tissue", default=None)
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--other", default="--k 10 --smooth 0", help="the re-query's other answer settings")
+    ap.add_argument("--extra", default="", help="options every query gets (e.g. --stride-um 56: a finer grid, more tiles)")
     ap.add_argument("--check-fresh", action="store_true", help="also run the other settings with --re-embed and compare")
     args = ap.parse_args()
     work = Path(args.workdir)
@@ -81,6 +82,7 @@ def main() -> None:
     base = [str(Path(args.slide).resolve()), "--db", args.db, "--results-db", str(work / "results.db")]
     base += ["--mpp", str(args.mpp)] if args.mpp else []
     base += ["--tissue", args.tissue] if args.tissue else []
+    base += args.extra.split()
     other = args.other.split()
 
     # compile the modules a query imports once, before anything is timed

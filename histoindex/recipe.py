@@ -334,9 +334,7 @@ def train_model(
     from . import distributed
     from .methods import get_method
     from .models import create_model
-    from .patch import spot_patches, spot_stain
-    from .stain import normalised
-    from .train import TrainingResult, TrainSection, prepare_distributed, seed_everything
+    from .train import TrainingResult, prepare_distributed, seed_everything
 
     method = get_method(cfg.method)
     device = torch.device(device)
@@ -362,19 +360,7 @@ def train_model(
             progress = feature_progress = on_model = None
     if on_model is not None:
         on_model(model)
-    sections = []
-    all_spots = sum(ref.n_obs for ref in references)
-    for i, ref in enumerate(references):
-        section = TrainSection(name=ref.name, expression=ref.normalized(list(cfg.genes)), xy_um=ref.xy * ref.mpp)
-        if cfg.freeze_backbone:
-            # one count over all sections' spots, not one restarting per section
-            before = sum(r.n_obs for r in references[:i])
-            overall = None if feature_progress is None else (lambda done, _, before=before: feature_progress(before + done, all_spots))
-            section.features = features[i] if features is not None else frozen_features(model, ref, cfg, device=device, precision=precision, progress=overall)
-        else:
-            stain = spot_stain(ref, stain=cfg.stain, patch_um=cfg.patch_um, patch_px=cfg.patch_px)
-            section.patches = next(normalised([spot_patches(ref, patch_um=cfg.patch_um, patch_px=cfg.patch_px)], stain))
-        sections.append(section)
+    sections = _training_sections(model, references, cfg, features=features, device=device, precision=precision, feature_progress=feature_progress)
     read_seconds = time.perf_counter() - started
 
     history = method.fit(model, sections, cfg, generator=generator, device=device, progress=progress)
@@ -404,26 +390,60 @@ def train_model(
     if world > 1:
         metrics["world_size"] = world
     elif check:
-        started = time.perf_counter()
-        found = inner_check(sections, cfg, weights=weights, device=device, method=method)
-        if found is not None:
-            metrics["inner_check"] = {**found, "seconds": round(time.perf_counter() - started, 2)}
-            if fallback and found["verdict"] == "frozen":
-                frozen_cfg = cfg.replace(method="frozen", method_params={})
-                trained = model
-                model = create_model(frozen_cfg, weights=weights).to(device)
-                # the very backbone whose features the references were fitted on (a randomly
-                # initialised one would otherwise be drawn anew)
-                model.image_encoder.load_state_dict(trained.image_encoder.state_dict())
-                get_method("frozen").fit(model, sections, frozen_cfg, generator=generator, device=device)
-                model.eval()
-                metrics["fallback"] = {
-                    "from": cfg.method,
-                    "to": "frozen",
-                    "why": f"inner check: trained {found['trained']:.3f} vs frozen-feature retrieval {found['frozen']:.3f}",
-                }
-                cfg = frozen_cfg
+        model, cfg = _check_and_fall_back(model, sections, cfg, metrics, weights=weights, device=device, generator=generator, fallback=fallback)
     return TrainingResult(model=model.cpu(), cfg=cfg, metrics=metrics)
+
+
+def _training_sections(model, references: Sequence[SpotSet], cfg: ModelConfig, *, features, device, precision: str, feature_progress) -> list:
+    """Each reference as the method trains on it: its expression over the model's genes and either
+    its frozen-backbone features (given, or computed now) or its stain-normalised patches."""
+    from .patch import spot_patches, spot_stain
+    from .stain import normalised
+    from .train import TrainSection
+
+    sections = []
+    all_spots = sum(ref.n_obs for ref in references)
+    for i, ref in enumerate(references):
+        section = TrainSection(name=ref.name, expression=ref.normalized(list(cfg.genes)), xy_um=ref.xy * ref.mpp)
+        if cfg.freeze_backbone:
+            # one count over all sections' spots, not one restarting per section
+            before = sum(r.n_obs for r in references[:i])
+            overall = None if feature_progress is None else (lambda done, _, before=before: feature_progress(before + done, all_spots))
+            section.features = features[i] if features is not None else frozen_features(model, ref, cfg, device=device, precision=precision, progress=overall)
+        else:
+            stain = spot_stain(ref, stain=cfg.stain, patch_um=cfg.patch_um, patch_px=cfg.patch_px)
+            section.patches = next(normalised([spot_patches(ref, patch_um=cfg.patch_um, patch_px=cfg.patch_px)], stain))
+        sections.append(section)
+    return sections
+
+
+def _check_and_fall_back(model, sections: list, cfg: ModelConfig, metrics: dict, *, weights, device, generator, fallback: bool):
+    """:func:`inner_check` into ``metrics``; with ``fallback``, when frozen-feature retrieval is
+    ahead, the frozen-retrieval model (and its config) instead of the trained one."""
+    from .methods import get_method
+    from .models import create_model
+
+    started = time.perf_counter()
+    found = inner_check(sections, cfg, weights=weights, device=device, method=get_method(cfg.method))
+    if found is None:
+        return model, cfg
+    metrics["inner_check"] = {**found, "seconds": round(time.perf_counter() - started, 2)}
+    if not (fallback and found["verdict"] == "frozen"):
+        return model, cfg
+    frozen_cfg = cfg.replace(method="frozen", method_params={})
+    trained = model
+    model = create_model(frozen_cfg, weights=weights).to(device)
+    # the very backbone whose features the references were fitted on (a randomly
+    # initialised one would otherwise be drawn anew)
+    model.image_encoder.load_state_dict(trained.image_encoder.state_dict())
+    get_method("frozen").fit(model, sections, frozen_cfg, generator=generator, device=device)
+    model.eval()
+    metrics["fallback"] = {
+        "from": cfg.method,
+        "to": "frozen",
+        "why": f"inner check: trained {found['trained']:.3f} vs frozen-feature retrieval {found['frozen']:.3f}",
+    }
+    return model, frozen_cfg
 
 
 def answer_spots(queries: np.ndarray, keys: np.ndarray, profiles, settings, xy_um: np.ndarray) -> np.ndarray:

@@ -233,7 +233,7 @@ def test_ingest_query_sql_on_s3(s3, s3_store, data, tmp_path, monkeypatch):
     (record,) = base.models()
     n_spots = base.table("spots").count_rows()
     assert n_spots > 0
-    assert sorted({key.split("/")[1] for key in s3.keys("base")}) == ["models.lance", "predictions.lance", "spots.lance"]
+    assert sorted({key.split("/")[1] for key in s3.keys("base")}) == ["models.lance", "predictions.lance", "spots.lance", "tiles.lance"]
     assert_models_complete(s3_store)  # the weights load from the models table on S3
     assert_dataset_rows(s3_store, "train", n_spots)
 

@@ -51,7 +51,7 @@ def test_cli_pipeline_on_a_file_uri_matches_a_plain_path_store(sections, tmp_pat
     assert model_id == model_ids["plain"] and model_id.startswith("bleep-")
 
     # LanceDB made the folder; the weights are in the models table, not in a models/ folder
-    assert sorted(p.name for p in folder.iterdir()) == ["models.lance", "predictions.lance", "spots.lance"]
+    assert sorted(p.name for p in folder.iterdir()) == ["models.lance", "predictions.lance", "spots.lance", "tiles.lance"]
     assert list(workdir.iterdir()) == []
     opened = Store(uri)
     (record,) = opened.models()

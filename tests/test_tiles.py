@@ -49,18 +49,18 @@ def test_a_requery_reads_no_image_and_equals_a_fresh_query(indexed, store, tmp_p
     again = _query(db, slide, k=5)  # same settings: search only, the same answer
     assert again.indexed and np.array_equal(again.predictions, first.predictions)
 
-    # another k, with the slide file gone: still answered (from its tiles), equal to a fresh query
+    # another filter and k, with the slide file gone: still answered (from its tiles), equal to a fresh query
     fresh_copy = tmp_path / "fresh.tif"
     shutil.copy(slide, fresh_copy)
     slide.unlink()
-    requery = _query(db, slide, k=3, out=tmp_path / "requery.parquet")
+    requery = _query(db, slide, k=3, where="dataset = 'train'", out=tmp_path / "requery.parquet")
     assert requery.indexed and requery.n_tiles == first.n_tiles
-    fresh = _query(db, fresh_copy, k=3, keep_tiles=False, re_embed=True)
+    fresh = _query(db, fresh_copy, k=3, where="dataset = 'train'", keep_tiles=False, re_embed=True)
     assert not fresh.indexed
     assert np.array_equal(requery.predictions, fresh.predictions)
     assert list(requery.ids) == list(fresh.ids)
     provenance = json.loads(pq.read_schema(tmp_path / "requery.parquet").metadata[b"histoindex"])
-    assert provenance["k"] == 3
+    assert provenance["k"] == 3 and "dataset = 'train'" in provenance["filter"]
 
     # the CLI says it: search only
     result = run("query", slide, "--tissue", "breast", "--k", "2", "--db", db, "--precision", "fp32")

@@ -119,7 +119,7 @@ class QuerySession:
         if indexed.tiles is not None:  # embedded before: the grid and embeddings from the tiles table, no image read
             grid, stored = stored_grid(indexed.tiles)
             id_column = "spot" if spots is not None else "tile_id"
-            log(f"{len(grid)} {'spots' if spots is not None else 'tiles'} of {Path(request.path).name} indexed before (tiles table): search only")
+            log(self._grid_line(grid, Path(request.path).name, spots=spots, indexed=True))
         else:
             self._load_model(log)
             (grid, id_column), stored = self._grid(request.path, mpp=mpp, spots=spots, log=log), None
@@ -225,13 +225,19 @@ class QuerySession:
                 grid, id_column = tile_grid(slide, tile_um=cfg.patch_um, stride_um=self._stride), "tile_id"
         finally:
             slide.close()
+        log(self._grid_line(grid, name, spots=spots))
+        return grid, id_column
+
+    def _grid_line(self, grid: PatchGrid, name: str, *, spots, indexed: bool = False) -> str:
+        """What the slide is answered at, and how: one log line."""
         rule = self.stride_rule
         pitch = "" if spots is not None else f", centred every {self._stride:g} µm ({rule})" if rule else f", centred every {self._stride:g} µm"
-        log(
-            f"{len(grid)} {'spots' if spots is not None else 'tissue tiles'} of {cfg.patch_um:g} µm on {name} ({grid.mpp:.3g} µm/px){pitch}; "
+        where = "spots" if spots is not None else "tissue tiles"
+        how = "; indexed before (tiles table): search only" if indexed else ""
+        return (
+            f"{len(grid)} {where} of {self.cfg.patch_um:g} µm on {name} ({grid.mpp:.3g} µm/px){pitch}{how}; "
             f"{self.references.path} search over {self.references.n} references on {self.device} ({self.precision})"
         )
-        return grid, id_column
 
     @property
     def _stride(self) -> float:
