@@ -8,7 +8,6 @@ a cohort re-run with another value predicts again) plus the code that reads it."
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..io.slides import file_sha256
 from ..recipe import TrainOptions
 
 #: the query options that shape an answer, besides the model and the spots version (which the
@@ -103,7 +103,7 @@ def answer_settings(options: dict, *, mpp: float | None = None, spots: str | Pat
     settings = {name: options.get(name) for name in ANSWER_OPTIONS}
     settings["mpp"] = None if mpp is None else float(mpp)
     if spots is not None:
-        settings["spots"] = hashlib.sha256(Path(spots).read_bytes()).hexdigest()
+        settings["spots"] = file_sha256(spots)
     return json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
-from ..schemas import conform, layout
+from ..schemas import layout
 from .rows import sql_literal
 from .writes import _Writes
 
@@ -27,12 +27,7 @@ class _Tiles(_Writes):
     def add_tiles(self, rows: pa.Table | Iterable[pa.RecordBatch]) -> int:
         """Append one slide's tile rows in one commit; ``rows`` may be a stream of record batches
         (nothing is committed if the stream fails)."""
-        if isinstance(rows, pa.Table):
-            table = conform("tiles", rows)
-            return self._commit("tiles", "the slide's tiles", lambda tbl: tbl.add(table).version)
-        target = layout("tiles").schema
-        batches = (b for batch in rows for b in conform("tiles", pa.Table.from_batches([batch])).to_batches())
-        return self._commit("tiles", "the slide's tiles", lambda tbl: tbl.add(pa.RecordBatchReader.from_batches(target, batches)).version, replayable=False)
+        return self._append("tiles", "the slide's tiles", rows)
 
     def known_slide_hash(self, path: str, *, size: int | None, mtime_ns: int | None) -> str | None:
         """The content hash recorded for the file at ``path`` when it had this ``size`` and

@@ -120,14 +120,8 @@ class _Upkeep(_Records):
             under = f" under model {model_id}" if model_id is not None else ""
             raise UnknownValue(f"no spots of dataset {dataset!r}{under} in {self.uri}; datasets (model): {', '.join(held) or 'none'}")
 
-        def write(tbl):
-            result = tbl.delete(where)
-            tbl.checkout_latest()
-            return tbl, result
-
-        tbl, result = self._commit("spots", f"the delete of {dataset}", write)
-        deleted = getattr(result, "num_deleted_rows", None)
-        return DeleteResult(dataset=dataset, model_id=model_id, rows=int(n if deleted is None else deleted), version=tbl.version)
+        version, rows = self._delete_rows("spots", where, f"the delete of {dataset}", expected=n)
+        return DeleteResult(dataset=dataset, model_id=model_id, rows=rows, version=version)
 
     def delete_slide(self, slide: str, *, model_id: str | None = None) -> SlideDeleteResult:
         """Delete one slide's tiles (every model's and embedding's rows of the slide name, or only
@@ -144,14 +138,21 @@ class _Upkeep(_Records):
             under = f" under model {model_id}" if model_id is not None else ""
             raise UnknownValue(f"no tiles of slide {slide!r}{under} in {self.uri}; slides with tiles: {shown or 'none'}")
 
+        version, rows = self._delete_rows("tiles", where, f"the delete of the tiles of {slide}", expected=n)
+        return SlideDeleteResult(slide=slide, model_id=model_id, rows=rows, version=version)
+
+    def _delete_rows(self, name: str, where: str, what: str, *, expected: int) -> tuple[int, int]:
+        """Delete the rows of table ``name`` matching ``where`` in one commit: the new version and
+        the rows deleted (Lance's count, else the ``expected`` count read before)."""
+
         def write(tbl):
             result = tbl.delete(where)
             tbl.checkout_latest()
             return tbl, result
 
-        tbl, result = self._commit("tiles", f"the delete of the tiles of {slide}", write)
+        tbl, result = self._commit(name, what, write)
         deleted = getattr(result, "num_deleted_rows", None)
-        return SlideDeleteResult(slide=slide, model_id=model_id, rows=int(n if deleted is None else deleted), version=tbl.version)
+        return tbl.version, int(expected if deleted is None else deleted)
 
     def compact(self, *, keep_versions: int | None = None, older_than: timedelta | None = None, force: bool = False) -> list[Compaction]:
         """Compact every table's data files (Lance ``compact_files``: one new version where there is

@@ -178,10 +178,15 @@ class _Writes(_Tables):
     def add_predictions(self, rows: pa.Table | Iterable[pa.RecordBatch]) -> int:
         """Append prediction rows in one commit; ``rows`` may be a stream of record batches, which
         LanceDB writes as they come (nothing is committed if the stream fails)."""
+        return self._append("predictions", "the predictions", rows)
+
+    def _append(self, name: str, what: str, rows: pa.Table | Iterable[pa.RecordBatch]) -> int:
+        """Append ``rows`` (a table, or a stream of record batches) to table ``name`` in one commit,
+        conformed to its layout; the new version."""
         if isinstance(rows, pa.Table):
-            table = conform("predictions", rows)
-            return self._commit("predictions", "the predictions", lambda tbl: tbl.add(table).version)
-        target = layout("predictions").schema
-        batches = (b for batch in rows for b in conform("predictions", pa.Table.from_batches([batch])).to_batches())
+            table = conform(name, rows)
+            return self._commit(name, what, lambda tbl: tbl.add(table).version)
+        target = layout(name).schema
+        batches = (b for batch in rows for b in conform(name, pa.Table.from_batches([batch])).to_batches())
         # a stream is read once: a write that loses a race is not made again, the command says to retry
-        return self._commit("predictions", "the predictions", lambda tbl: tbl.add(pa.RecordBatchReader.from_batches(target, batches)).version, replayable=False)
+        return self._commit(name, what, lambda tbl: tbl.add(pa.RecordBatchReader.from_batches(target, batches)).version, replayable=False)
