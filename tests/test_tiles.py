@@ -136,3 +136,12 @@ def test_a_copy_of_a_slide_is_answered_from_its_tiles_and_indexed_under_its_name
     version = Store(db).table("tiles").version
     _query(db, copy, k=2)
     assert Store(db).table("tiles").version == version, "indexed under that name already: nothing written"
+
+
+def test_a_no_store_query_reads_the_reference_stores_tiles_and_writes_nothing(indexed, tmp_path):
+    """A shared reference store, asked with --no-store: its indexed slides answer, search only."""
+    db, slide, first = indexed
+    version = Store(db).table("tiles").version
+    answer = _query(db, slide, k=5, no_store=True, out=tmp_path / "mine.parquet")
+    assert answer.indexed and np.array_equal(answer.predictions, first.predictions)
+    assert Store(db).table("tiles").version == version

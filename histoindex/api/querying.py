@@ -175,18 +175,20 @@ class QuerySession:
 
     def _indexed(self, request: CohortSlide, *, spots, mpp: float | None, log: Log) -> _Indexed:
         """The slide's identity and embedding key, and its tiles when this model embedded these
-        bytes with these settings before (unless ``re_embed``)."""
-        if self.results is None or not (self.query.keep_tiles or self.results.has_table("tiles")):
+        bytes with these settings before (unless ``re_embed``): in the store answers are kept in, or
+        with ``--no-store`` in the reference store (read only: a shared store's indexed slides)."""
+        index = self.results if self.results is not None else self.store
+        if not (self.query.keep_tiles or index.has_table("tiles")):
             return _Indexed(None, "", None)
-        identity = slide_identity(request.path, name=request.name, metadata=request.metadata, store=self.results, log=log)
+        identity = slide_identity(request.path, name=request.name, metadata=request.metadata, store=index, log=log)
         if identity is None:
             return _Indexed(None, "", None)
         spots_digest = file_sha256(spots) if spots is not None else None
         key = embedding_key(self.cfg, stride_um=self._stride, spots_digest=spots_digest, mpp=mpp, precision=self.precision)
-        tiles = None if self.query.re_embed else self.results.slide_tiles(identity.digest, model_id=self.record.model_id, embedding_key=key)
+        tiles = None if self.query.re_embed else index.slide_tiles(identity.digest, model_id=self.record.model_id, embedding_key=key)
         if tiles is None and not identity.readable:
             raise InputError(f"{request.path} cannot be read, and its tiles were indexed with other settings than this query's: query it with its file present")
-        names = self.results.indexed_as(identity.digest, model_id=self.record.model_id, embedding_key=key) if tiles is not None else set()
+        names = index.indexed_as(identity.digest, model_id=self.record.model_id, embedding_key=key) if tiles is not None else set()
         return _Indexed(identity, key, tiles, names)
 
     def _check_plot(self, plot: Sequence[str], out: Path | None) -> tuple[str, ...]:
@@ -289,7 +291,7 @@ class QuerySession:
         references, batch_size = self.references, self.query.batch_size
         committing = commit and self.results is not None  # --no-store: the rows go nowhere (the --out file holds the answer)
         rows_out = RowStream(self.results.add_predictions if committing else None, keep=self.results is not None)
-        index_tiles = self.query.keep_tiles and indexed.to_write
+        index_tiles = self.query.keep_tiles and indexed.to_write and self.results is not None
         tiles_out = RowStream(self.results.add_tiles if committing and index_tiles else None, keep=index_tiles)
         if stored is not None:
             embeddings = batches(stored, batch_size)
