@@ -373,7 +373,7 @@ def connect(
             if WEIGHTS in dataset.schema.names:  # models: read without the weights, which never reach DuckDB
                 con.register(name, dataset.to_table(columns=[c for c in dataset.schema.names if c != WEIGHTS]))
             else:
-                con.register(name, dataset)
+                _register(con, name, dataset)
         _register_tiles(con, store, versions.get(TILES) if TILES in present else None, present=TILES in present)
         for view, body in LONG_VIEWS.items():
             needed = {"models", view.split("_")[0]}
@@ -384,6 +384,20 @@ def connect(
     if read_only:
         lock_down(con, paths=allowed_paths, directories=allowed_directories)
     return con
+
+
+def _register(con: duckdb.DuckDBPyConnection, name: str, dataset) -> None:
+    """Table ``name`` (its Lance ``dataset``, scanned in place) as a view with this release's
+    layout: the nullable columns a newer layout added, which the next write adds to the table
+    itself all null (``predictions.slide_hash``, ...), read as nulls from a table written before them,
+    so a statement written for the current layout runs on every store."""
+    missing = [f for f in layout(name).schema if f.name not in dataset.schema.names and f.nullable]
+    if not missing:
+        con.register(name, dataset)
+        return
+    types = con.from_arrow(pa.schema(missing).empty_table()).types  # DuckDB's spelling of each column's type
+    nulls = ", ".join(f'CAST(NULL AS {t}) AS "{f.name}"' for f, t in zip(missing, types))
+    con.from_arrow(dataset).project(f"*, {nulls}").create_view(name)
 
 
 def _register_tiles(con: duckdb.DuckDBPyConnection, store: Store, version: int | None, *, present: bool) -> None:

@@ -3,6 +3,7 @@ resumable (same model and spots version → skipped), failures reported while th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -126,3 +127,26 @@ def test_a_rerun_with_other_settings_answers_the_question_asked(store, sections,
     run("query", slides[0], "--tissue", "breast", "--k", "5", "--out", tmp_path / "k5.parquet", "--db", store)
     genes = list(Store(store).model().cfg.genes)
     assert not np.allclose(first.select(genes).to_numpy(), pl.read_parquet(tmp_path / "k5.parquet").select(genes).to_numpy())
+
+
+def test_a_rerun_answers_again_a_slide_whose_file_changed_under_its_name(store, sections, tmp_path):
+    """The resume key holds the slide's bytes too: a file replaced under the same name is predicted
+    again (its stored runs answered other bytes), the unchanged one is skipped; runs that predate
+    recorded slide hashes cannot be compared, so their slide is predicted again, said so."""
+    folder, slides = _cohort(sections, tmp_path)
+    out = tmp_path / "preds"
+    run("query", *slides, "--tissue", "breast", "--out", f"{out}/", "--db", store)
+    shutil.copy(sections.train_tif, folder / "a.tif")  # other bytes, same name
+    again = run("query", *slides, "--tissue", "breast", "--out", out, "--json", "--db", store)
+    summary = json.loads(again.stdout[again.stdout.index("{") :])
+    assert [p["slide"] for p in summary["predicted"]] == ["a.tif"] and [s["slide"] for s in summary["skipped"]] == ["b.tif"]
+    assert "a.tif: predicted before with the same settings, but its file changed since" in again.output
+    runs = Store(store).table("predictions").to_lance().to_table(columns=["slide", "slide_hash", "created_at"], filter="slide = 'a.tif'")
+    newest = pl.from_arrow(runs).sort("created_at")["slide_hash"].to_list()[-1]
+    assert newest == hashlib.sha256((folder / "a.tif").read_bytes()).hexdigest() and len(set(runs.column("slide_hash").to_pylist())) == 2
+    assert "0 slides predicted (0 tiles), 2 skipped" in run("query", *slides, "--tissue", "breast", "--out", out, "--db", store).output
+
+    Store(store).table("predictions").update(where="slide = 'b.tif'", values_sql={"slide_hash": "NULL"})  # as rows before schema v3
+    legacy = run("query", *slides, "--tissue", "breast", "--out", out, "--db", store)
+    assert "1 slides predicted" in legacy.output and "1 skipped" in legacy.output
+    assert "b.tif: predicted before with the same settings, but those runs predate recorded slide hashes" in legacy.output

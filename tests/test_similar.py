@@ -158,3 +158,33 @@ def test_bad_inputs_are_one_line_errors(indexed, store, tmp_path):
     error_line(run("similar", "--tile", "slide.tif:" + _a_tile(tiles)["tile_id"], "--where", "NOT_A_GENE > 1", "--db", db, ok=False), "NOT_A_GENE")
     assert run("similar", "--slide", "slide.tif", "--at", "ten,10", "--db", db, ok=False).exit_code == 2
     error_line(run("similar", "--slide", "slide.tif", "--at", "10,10", "--db", store, ok=False), "histoindex query")  # no tiles yet
+
+
+def test_where_filters_each_tile_by_the_predictions_of_its_own_slide_bytes(store, sections, tmp_path):
+    """--where reads the run that predicted the tiles searched (same slide bytes and embedding
+    settings), not the slide name's latest run: a file changed under the same name and answered
+    again without indexing its tiles leaves the old tiles filtered by their own predictions. Runs
+    that predate recorded slide hashes still filter their slide's tiles by name, as before."""
+    slide = tmp_path / "s.tif"
+    shutil.copy(sections.heldout_tif, slide)
+    old = api.query(slide, db=store, tissue="breast", precision="fp32", workers=0)
+    shutil.copy(sections.other_tif, slide)  # other bytes, same name
+    new = api.query(slide, db=store, tissue="breast", precision="fp32", workers=0, keep_tiles=False)
+    predictions = Store(store).table("predictions").to_arrow()
+    gene = list(Store(store).model().cfg.genes)[0]
+    values = {r: {} for r in (old.run_id, new.run_id)}
+    for run_id, tile_id, expression in zip(*(predictions.column(c).to_pylist() for c in ("run_id", "tile_id", "expression"))):
+        values[run_id][tile_id] = expression[0]
+    threshold = float(np.median(list(values[old.run_id].values())))
+    above = {run_id: {t for t, v in by_tile.items() if v > threshold} for run_id, by_tile in values.items()}
+    assert above[old.run_id] and above[old.run_id] != above[new.run_id]  # the two runs disagree on which tiles pass
+    tile = Store(store).table("tiles").to_lance().to_table(columns=["tile_id"], filter="slide = 's.tif'").column("tile_id")[0].as_py()
+
+    def passed() -> set[str]:
+        hits = api.similar(db=store, tile=f"s.tif:{tile}", where=f"{gene} > {threshold!r}", k=100000).table
+        assert set(hits.column("slide").to_pylist()) <= {"s.tif"}
+        return set(hits.column("tile_id").to_pylist())
+
+    assert passed() == above[old.run_id]  # the indexed tiles are the old file's: its own run filters them
+    Store(store).table("predictions").update(where=f"run_id = '{old.run_id}'", values_sql={"slide_hash": "NULL", "embedding_key": "NULL"})
+    assert passed() == above[old.run_id]  # a run without slide hash (before schema v3) still filters its slide's tiles

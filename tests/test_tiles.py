@@ -84,6 +84,19 @@ def test_other_embedding_settings_embed_again(indexed):
     assert not coarser.indexed and coarser.n_tiles < first.n_tiles
     assert _query(db, slide, k=5, stride_um=110).indexed
 
+    # the slide is indexed at both strides, under the same tile ids (r{row}_c{col}, other positions):
+    # in SQL each run's predictions meet the tiles of its own embedding settings, once, at their positions
+    def joined(using: str) -> dict:
+        rows = api.sql(
+            f"SELECT p.run_id, count(*) AS n, max(abs(t.x_um - p.x_um)) AS dx FROM tiles t JOIN predictions p USING ({using}) GROUP BY p.run_id", db=db
+        )
+        return {r["run_id"]: (r["n"], r["dx"]) for r in rows.to_pylist()}
+
+    by_run = joined("slide, slide_hash, model_id, embedding_key, tile_id")
+    assert by_run[first.run_id] == (first.n_tiles, 0.0) and by_run[coarser.run_id] == (coarser.n_tiles, 0.0) and len(by_run) == 3
+    common = len(set(first.ids) & set(coarser.ids))
+    assert common > 0 and joined("slide, tile_id")[first.run_id][0] == first.n_tiles + common, "the join on name and tile id alone multiplied"
+
 
 def test_no_keep_tiles_and_no_store_index_nothing(store, sections, tmp_path):
     slide = tmp_path / "slide.tif"

@@ -26,6 +26,25 @@ def _tiles(db, version=None):
     return Store(db).table("tiles", version=version).to_arrow()
 
 
+#: the documented join (README, GUIDE, `sql --help`): each predicted tile meets the tiles row its run used
+JOIN = "predictions p ASOF JOIN tiles t USING (slide, slide_hash, model_id, embedding_key, tile_id, created_at)"
+#: the same key as a plain join: one row per predicted tile while a slide's bytes are embedded once per model and settings
+KEYED = "tiles t JOIN predictions p USING (slide, slide_hash, model_id, embedding_key, tile_id)"
+#: the join documented before predictions recorded which bytes they answered: multiplies rows
+OLD_JOIN = "tiles t JOIN predictions p USING (slide, tile_id)"
+
+
+def _per_run(db, join: str, slide: str) -> dict[str, int]:
+    """Joined rows per run, for the runs of ``slide``, and whether some (run, tile) met more than one tiles row."""
+    rows = _sql(db, f"SELECT p.run_id, count(*) AS n, count(DISTINCT p.tile_id) AS tiles FROM {join} WHERE slide = '{slide}' GROUP BY p.run_id")
+    return {r["run_id"]: (r["n"], r["tiles"]) for r in rows}
+
+
+def _predicted_per_run(db, slide: str) -> dict[str, int]:
+    rows = _sql(db, f"SELECT run_id, count(*) AS n FROM predictions WHERE slide = '{slide}' GROUP BY run_id")
+    return {r["run_id"]: (r["n"], r["n"]) for r in rows}
+
+
 @pytest.fixture(scope="module")
 def two_slides(trained_store, sections, tmp_path_factory) -> Path:
     """A store copy (never written by the tests: each copies it) where two slides were queried
@@ -45,16 +64,20 @@ def indexed(two_slides, tmp_path) -> Path:
 
 
 # ---- SQL ------------------------------------------------------------------------------------
-def test_sql_tiles_joins_predictions_on_slide_and_tile(two_slides, sections):
+def test_sql_tiles_joins_predictions_on_slide_bytes_model_settings_and_tile(two_slides, sections):
     heldout = sections.heldout_tif.name
     n_predicted = Store(two_slides).table("predictions").count_rows(f"slide = '{heldout}'")
     assert n_predicted > 0
-    rows = _sql(
-        two_slides,
-        f"SELECT count(*) AS n, max(abs(t.x_um - p.x_um)) AS dx, max(abs(t.y_um - p.y_um)) AS dy "
-        f"FROM tiles t JOIN predictions p USING (slide, tile_id) WHERE slide = '{heldout}'",
-    )
-    assert rows == [{"n": n_predicted, "dx": 0.0, "dy": 0.0}], "each predicted tile joins its one tiles row, at its position"
+    for join in (JOIN, KEYED):
+        rows = _sql(
+            two_slides,
+            f"SELECT count(*) AS n, max(abs(t.x_um - p.x_um)) AS dx, max(abs(t.y_um - p.y_um)) AS dy FROM {join} WHERE slide = '{heldout}'",
+        )
+        assert rows == [{"n": n_predicted, "dx": 0.0, "dy": 0.0}], ("each predicted tile joins its one tiles row, at its position", join)
+    # the predictions rows say which bytes and embedding settings they answered: those of the slide's tiles
+    stamps = _sql(two_slides, f"SELECT DISTINCT slide_hash, embedding_key FROM predictions WHERE slide = '{heldout}'")
+    assert stamps == _sql(two_slides, f"SELECT DISTINCT slide_hash, embedding_key FROM tiles WHERE slide = '{heldout}'")
+    assert stamps[0]["slide_hash"] and json.loads(stamps[0]["embedding_key"])["patch_um"] > 0
     slides = _sql(two_slides, "SELECT slide, count(*) AS n FROM tiles GROUP BY slide ORDER BY slide")
     assert {r["slide"] for r in slides} == {sections.heldout_tif.name, sections.other_tif.name}
     # the embeddings only where asked for
@@ -69,10 +92,42 @@ def test_sql_tiles_joins_predictions_on_slide_and_tile(two_slides, sections):
 def test_sql_tiles_is_there_and_empty_in_a_store_from_before_tiles(store):
     shutil.rmtree(store / "tiles.lance")  # a store made before the tiles table existed
     assert "tiles" not in Store(store).table_names()
-    assert _sql(store, "SELECT count(*) AS n FROM tiles JOIN predictions USING (slide, tile_id)") == [{"n": 0}]
+    assert _sql(store, f"SELECT count(*) AS n FROM {JOIN}") == [{"n": 0}]
     assert _sql(store, "SELECT count(*) AS n FROM tiles_embeddings") == [{"n": 0}]
     assert "slide_hash" in [r["column_name"] for r in _sql(store, "DESCRIBE tiles")]
     assert "tiles" not in Store(store).table_names(), "reading creates nothing"
+
+
+def test_predictions_from_before_slide_hash_open_and_the_next_query_records_it(indexed, sections):
+    """A store whose predictions were written at schema version 2 (no ``slide_hash``, no
+    ``embedding_key``) opens: SQL reads both as null (the documented join meets none of those rows),
+    and the next query adds them to the table (old rows null) and fills them in its own rows."""
+    import lance
+
+    path = str(indexed / "predictions.lance")
+    lance.dataset(path).drop_columns(["slide_hash", "embedding_key"])
+    lance.dataset(path).update_schema_metadata({"histoindex.schema_version": "2"})
+    before = Store(indexed).table("predictions")
+    n_old, names = before.count_rows(), before.schema.names
+    assert "slide_hash" not in names and "embedding_key" not in names
+
+    assert "predictions" in run("info", "--db", indexed).stdout
+    counted = "SELECT count(*) AS n, count(slide_hash) AS hashed, count(embedding_key) AS keyed FROM predictions"
+    assert _sql(indexed, counted) == [{"n": n_old, "hashed": 0, "keyed": 0}]
+    assert _sql(indexed, f"SELECT count(*) AS n FROM {JOIN}") == [{"n": 0}]
+    assert Store(indexed).table("predictions").schema.names == names, "reading changes nothing"
+
+    # the next query (of an indexed slide: search only) migrates the table and stamps its rows
+    heldout = sections.heldout_tif.name
+    run("query", sections.heldout_tif, "--tissue", "breast", "--db", indexed)
+    after = Store(indexed).table("predictions")
+    assert after.schema.metadata[b"histoindex.schema_version"] == b"3"
+    n_tiles = Store(indexed).table("tiles").count_rows(f"slide = '{heldout}'")
+    assert _sql(indexed, counted) == [{"n": n_old + n_tiles, "hashed": n_tiles, "keyed": n_tiles}], "old rows null, the new run's filled"
+    joined = _sql(indexed, f"SELECT count(*) AS n, count(DISTINCT p.run_id) AS runs, count(DISTINCT p.tile_id) AS tiles FROM {JOIN}")
+    assert joined == [{"n": n_tiles, "runs": 1, "tiles": n_tiles}]
+    stamps = _sql(indexed, "SELECT DISTINCT slide, slide_hash, embedding_key FROM predictions WHERE slide_hash IS NOT NULL")
+    assert stamps == _sql(indexed, f"SELECT DISTINCT slide, slide_hash, embedding_key FROM tiles WHERE slide = '{heldout}'")
 
 
 # ---- upkeep ---------------------------------------------------------------------------------
@@ -145,3 +200,25 @@ def test_a_changed_slide_file_is_a_new_slide_and_its_old_tiles_stay(store, secti
     reference = api.query(sections.train_tif, db=indexed, tissue="breast", re_embed=True, keep_tiles=False)
     assert again.n_tiles == reference.n_tiles and list(again.ids) == list(reference.ids)
     np.testing.assert_allclose(again.predictions, reference.predictions, rtol=1e-5, atol=1e-6)
+
+    # in SQL, each run's predictions meet the tiles of the bytes it answered, once per tile
+    predicted = _predicted_per_run(indexed, "slide.tif")
+    assert set(predicted) == {first.run_id, changed.run_id, again.run_id}
+    assert _per_run(indexed, JOIN, "slide.tif") == predicted == _per_run(indexed, KEYED, "slide.tif")
+    # the join on the name and tile id alone met both files' tiles wherever their tile ids coincide
+    common = len(set(first.ids) & set(changed.ids))
+    assert common > 0
+    old_join = _per_run(indexed, OLD_JOIN, "slide.tif")
+    assert old_join[first.run_id] == (first.n_tiles + common, first.n_tiles)
+    assert old_join[changed.run_id] == old_join[again.run_id] == (changed.n_tiles + common, changed.n_tiles)
+
+    # embedded again (--re-embed): the bytes' tiles are in the table twice; the ASOF join takes the ones each run used
+    redo = api.query(slide, db=indexed, tissue="breast", re_embed=True)
+    assert not redo.indexed
+    predicted = _predicted_per_run(indexed, "slide.tif")
+    assert _per_run(indexed, JOIN, "slide.tif") == predicted and len(predicted) == 4
+    assert _per_run(indexed, KEYED, "slide.tif")[redo.run_id] == (2 * redo.n_tiles, redo.n_tiles)
+    made = {r["run_id"]: r["created_at"] for r in _sql(indexed, "SELECT DISTINCT run_id, created_at FROM predictions WHERE slide = 'slide.tif'")}
+    used = {r["run_id"]: r["t"] for r in _sql(indexed, f"SELECT DISTINCT p.run_id, t.created_at AS t FROM {JOIN} WHERE slide = 'slide.tif'")}
+    # a run that embedded met the tiles it wrote; the one answered from them, those
+    assert used == {first.run_id: made[first.run_id], changed.run_id: made[changed.run_id], again.run_id: made[changed.run_id], redo.run_id: made[redo.run_id]}

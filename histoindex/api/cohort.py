@@ -12,6 +12,7 @@ from ..errors import InputError, StoreError
 from ..io.write import check_output_path
 from ..store import Store
 from .common import Log, Progress, _quiet
+from .indexing import local_file, slide_identity
 from .options import CohortOptions, CohortSlide, QueryOptions, answer_settings
 from .querying import QueryResult, open_query
 
@@ -116,23 +117,46 @@ def plan_cohort(
 ) -> tuple[list[tuple[CohortSlide, Path | None]], list[tuple[str, str]]]:
     """Which slides a cohort run predicts, and which it skips (with why): a slide is skipped when
     ``predictions`` holds a run of it by this model against this ``spots`` version with the same
-    answer settings (:func:`answer_settings` of ``options``: filter, k, smoothing, views, ...) and its
-    output file (if one is asked for) is present, unless ``redo``. A slide predicted before with
-    other settings is predicted again, with a line saying what differs."""
+    answer settings (:func:`answer_settings` of ``options``: filter, k, smoothing, views, ...) of the
+    same slide bytes (:func:`_same_bytes`) and its output file (if one is asked for) is present,
+    unless ``redo``. A slide predicted before with other settings, or whose file changed, is
+    predicted again, with a line saying why."""
     runs = {} if redo or store is None else store.predicted_slides(model_id=model_id, spots_version=spots_version)
     todo, skipped = [], []
     for entry, out in zip(entries, outs):
         settings = answer_settings(options, mpp=entry.mpp if entry.mpp is not None else mpp)
-        before = runs.get(entry.name, set())
+        before = runs.get(entry.name, {})
         if settings in before and (out is None or out.exists()):
-            skipped.append((entry.name, f"already predicted by {model_id} against spots@{spots_version} with the same settings"))
-            log(f"{entry.name}: already predicted (same model, spots version and settings); --redo to predict again")
-        else:
-            if before and settings not in before:
-                earlier = sorted(before, key=lambda s: (s is None, s or ""))[0]
-                log(f"{entry.name}: predicted before with other settings ({settings_difference(earlier, settings)}); predicting again")
-            todo.append((entry, out))
+            same, why = _same_bytes(store, entry, before[settings])
+            if same:
+                skipped.append((entry.name, f"already predicted by {model_id} against spots@{spots_version} with the same settings"))
+                log(f"{entry.name}: already predicted (same model, spots version and settings{why}); --redo to predict again")
+                continue
+            log(f"{entry.name}: predicted before with the same settings, but {why}; predicting again")
+        elif before and settings not in before:
+            earlier = sorted(before, key=lambda s: (s is None, s or ""))[0]
+            log(f"{entry.name}: predicted before with other settings ({settings_difference(earlier, settings)}); predicting again")
+        todo.append((entry, out))
     return todo, skipped
+
+
+def _same_bytes(store: Store, entry: CohortSlide, hashes: set[str | None]) -> tuple[bool, str]:
+    """Whether the runs of ``entry`` (the ``slide_hash`` of each: ``hashes``) answered the bytes its
+    file holds now (:func:`slide_identity`: the hash the store's tiles know for the file's path, size
+    and modification time, else the hash of its bytes; no image is decoded), and the words for why
+    (``", …"`` to append to a skip line, or the reason to predict again)."""
+    if local_file(entry.path) is None:
+        # a remote (URI) slide is not hashed (its bytes would be downloaded to plan): skipped on its
+        # name and settings, as before slide hashes were recorded; --redo answers a changed one again
+        return True, ""
+    identity = slide_identity(entry.path, name=entry.name, metadata=entry.metadata, store=store, log=_quiet)
+    if identity is None:  # unreadable and never indexed: nothing to compare, and nothing to answer it from
+        return True, "; its file cannot be read to check its bytes"
+    if identity.digest in hashes:
+        return True, ", same file"
+    if hashes == {None}:
+        return False, "those runs predate recorded slide hashes, so whether its file changed since is unknown"
+    return False, f"its file changed since (sha256 now {identity.digest[:12]}…)"
 
 
 def query_cohort(
@@ -147,7 +171,8 @@ def query_cohort(
     """Predict many slides with one load of the model and the references (:func:`open_query` of
     ``options``). Each slide is one commit to ``predictions`` and, with ``cohort.out_dir``, one
     ``<slide stem>.<out_format>`` file. A slide already predicted by the same model against the
-    same ``spots`` version with the same settings (and with its file present) is skipped unless
+    same ``spots`` version with the same settings, of the same slide bytes (and with its output
+    file present) is skipped unless
     ``cohort.redo``; a slide that fails is reported and the others go on."""
     cohort = cohort or CohortOptions()
     entries = cohort_slides(slides)

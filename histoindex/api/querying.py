@@ -176,15 +176,18 @@ class QuerySession:
     def _indexed(self, request: CohortSlide, *, spots, mpp: float | None, log: Log) -> _Indexed:
         """The slide's identity and embedding key, and its tiles when this model embedded these
         bytes with these settings before (unless ``re_embed``): in the store answers are kept in, or
-        with ``--no-store`` in the reference store (read only: a shared store's indexed slides)."""
+        with ``--no-store`` in the reference store (read only: a shared store's indexed slides).
+        The identity and key are also what the slide's ``predictions`` rows record (so they join
+        their ``tiles`` rows): computed whenever rows are kept, indexed or not (``--no-keep-tiles``)."""
         index = self.results if self.results is not None else self.store
-        if not (self.query.keep_tiles or index.has_table("tiles")):
+        indexable = self.query.keep_tiles or index.has_table("tiles")
+        if not indexable and self.results is None:  # no tiles to read or write, no predictions rows to stamp
             return _Indexed(None, "", None)
         identity = slide_identity(request.path, name=request.name, metadata=request.metadata, store=index, log=log)
-        if identity is None:
-            return _Indexed(None, "", None)
         spots_digest = file_sha256(spots) if spots is not None else None
         key = embedding_key(self.cfg, stride_um=self._stride, spots_digest=spots_digest, mpp=mpp, precision=self.precision)
+        if identity is None or not indexable:  # a remote slide (no identity), or nothing indexed: the rows' stamp only
+            return _Indexed(identity, key, None)
         tiles = None if self.query.re_embed else index.slide_tiles(identity.digest, model_id=self.record.model_id, embedding_key=key)
         if tiles is None and not identity.readable:
             raise InputError(f"{request.path} cannot be read, and its tiles were indexed with other settings than this query's: query it with its file present")
@@ -334,6 +337,8 @@ class QuerySession:
                         created_at=run.created_at,
                         settings=run.settings,
                         genes=self.genes,
+                        slide_hash=indexed.identity.digest if indexed.identity is not None else None,
+                        embedding_key=indexed.key or None,
                     )
                 )
             tiles_out.finish()  # the slide's tiles first: predictions never name an index that is not there

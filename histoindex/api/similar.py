@@ -11,7 +11,8 @@ up to ``EXACT_MAX_ROWS`` candidates, else LanceDB's vector index on ``tiles.embe
 
 Filters: ``slide_where`` on the slides (their ``tiles`` columns slide, slide_path, slide_hash, mpp,
 created_at, and the cohort manifest columns stored with each slide); ``where`` on the predicted
-expression of each tile (the latest ``predictions`` run of each slide by the same model)."""
+expression of each tile (the latest ``predictions`` run by the same model of the tile's slide bytes
+and embedding settings)."""
 
 from __future__ import annotations
 
@@ -369,34 +370,60 @@ def _filter_slides(rows: pa.Table, slide_where: str) -> pa.Table:
 
 
 def _filter_predictions(store: Store, rows: pa.Table, model_id: str, where: str, log: Log) -> pa.Table:
-    """Rows whose tile's predicted expression meets ``where`` (gene names as columns), from each
-    slide's latest ``predictions`` run by ``model_id``; a slide never predicted by it drops out."""
+    """Rows whose tile's predicted expression meets ``where`` (gene names as columns), from the
+    latest ``predictions`` run by ``model_id`` of the tile's own slide bytes and embedding settings
+    (the run's ``slide_hash`` and ``embedding_key`` those of the tiles rows: the tiles of a file since
+    changed under the same name, or of another grid, are not filtered by another run's predictions);
+    a run that predates those columns (null) stands for any bytes and settings of its slide, as
+    before they were recorded. A slide with no such run drops out."""
     if not store.has_table("predictions"):
         raise StoreError("--where filters on predicted expression, and the store has no predictions")
     slides = sorted(set(rows.column("slide").to_pylist()))
     listed = ", ".join(sql_literal(s) for s in slides)
     predicate = f"model_id = {sql_literal(model_id)} AND slide IN ({listed})"
-    runs = store.table("predictions").to_lance().to_table(columns=["run_id", "slide", "created_at"], filter=predicate)
+    tbl = store.table("predictions")
+    stamps = [c for c in ("slide_hash", "embedding_key") if c in tbl.schema.names]  # absent: a table not written since schema v3
+    runs = tbl.to_lance().to_table(columns=["run_id", "slide", *stamps, "created_at"], filter=predicate)
     if not runs.num_rows:
         raise StoreError(f"--where filters on predicted expression, and none of the {len(slides)} slides searched has predictions by model {model_id}")
-    newest = runs.group_by("slide").aggregate([("created_at", "max")])
-    latest = {}
-    for s, t in zip(newest.column("slide").to_pylist(), newest.column("created_at_max").to_pylist()):
-        mask = pc.and_(pc.equal(runs.column("slide"), s), pc.equal(runs.column("created_at"), pa.scalar(t, runs.column("created_at").type)))
-        latest[s] = runs.filter(mask).column("run_id")[0].as_py()
-    missing = sorted(set(slides) - set(latest))
-    if missing:
+    runs = runs.group_by(["run_id", "slide", *stamps, "created_at"]).aggregate([])  # one row a run
+    nulls = [None] * runs.num_rows
+    by_slide: dict[str, list[tuple]] = {}
+    for run_id, slide, digest, key, at in zip(
+        runs.column("run_id").to_pylist(),
+        runs.column("slide").to_pylist(),
+        runs.column("slide_hash").to_pylist() if "slide_hash" in stamps else nulls,
+        runs.column("embedding_key").to_pylist() if "embedding_key" in stamps else nulls,
+        runs.column("created_at").to_pylist(),
+    ):
+        by_slide.setdefault(slide, []).append((at, run_id, digest, key))
+    latest: dict[tuple[str, str, str], str] = {}  # (slide, slide_hash, embedding_key) of the tiles → the run that predicted them
+    for slide, digest, key in set(zip(*(rows.column(c).to_pylist() for c in ("slide", "slide_hash", "embedding_key")))):
+        candidates = by_slide.get(slide, [])
+        exact = [r for r in candidates if r[2] == digest and r[3] == key]
+        unknown = [r for r in candidates if r[2] is None and r[3] in (None, key)]  # bytes not recorded: today's name match
+        if exact or unknown:
+            latest[(slide, digest, key)] = max(exact or unknown, key=lambda r: (r[0], r[1]))[1]
+    never = sorted(set(slides) - set(by_slide))
+    if never:
+        log(f"--where: {len(never)} slide(s) have no predictions by model {model_id} and are left out ({', '.join(never[:3])}{'…' if len(never) > 3 else ''})")
+    other = sorted(set(slides) - set(never) - {s for s, _, _ in latest})
+    if other:
         log(
-            f"--where: {len(missing)} slide(s) have no predictions by model {model_id} and are left out ({', '.join(missing[:3])}{'…' if len(missing) > 3 else ''})"
+            f"--where: {len(other)} slide(s) were predicted by model {model_id} only from other file contents or embedding settings than their indexed tiles, "
+            f"and are left out ({', '.join(other[:3])}{'…' if len(other) > 3 else ''}): query them again to predict these"
         )
-    run_list = ", ".join(sql_literal(r) for r in latest.values())
-    predicted = store.table("predictions").to_lance().to_table(columns=["slide", "tile_id", "expression", "genes"], filter=f"run_id IN ({run_list})")
+    ds, wanted = tbl.to_lance(), ["run_id", "slide", "tile_id", "expression", "genes"]
+    if latest:
+        predicted = ds.to_table(columns=wanted, filter=f"run_id IN ({', '.join(sql_literal(r) for r in set(latest.values()))})")
+    else:  # no run of these tiles: nothing kept, but ``where`` is still checked against the model's genes
+        predicted = pa.schema([ds.schema.field(c) for c in wanted]).empty_table()
     model_genes = list(store.model(model_id).cfg.genes)
     named = set(re.findall(r'"((?:[^"]|"")+)"|([A-Za-z_][A-Za-z0-9_.]*)', where))
     tokens = {a.replace('""', '"') or b for a, b in named}
     expression = predicted.column("expression").to_pylist()
     gene_lists = predicted.column("genes").to_pylist()
-    asked = sorted({g for genes in {tuple(gl) if gl else tuple(model_genes) for gl in gene_lists} for g in genes if g in tokens})
+    asked = sorted({g for genes in {tuple(gl) if gl else tuple(model_genes) for gl in gene_lists} or {tuple(model_genes)} for g in genes if g in tokens})
     if not asked:
         shown = ", ".join(model_genes[:8]) + ("…" if len(model_genes) > 8 else "")
         raise InputError(f'--where {where!r} names no predicted gene (model {model_id} predicts {shown}); quote names like "HLA-A"')
@@ -407,14 +434,22 @@ def _filter_predictions(store: Store, rows: pa.Table, model_id: str, where: str,
             j = position.get(g)
             v = values[j] if j is not None else None
             columns[g].append(None if v is None or v != v else v)  # NaN: not measured by any neighbour
-    table = pa.table({"slide": predicted.column("slide"), "tile_id": predicted.column("tile_id"), **{g: pa.array(v, pa.float32()) for g, v in columns.items()}})
+    table = pa.table(
+        {
+            "run_id": predicted.column("run_id"),
+            "slide": predicted.column("slide"),
+            "tile_id": predicted.column("tile_id"),
+            **{g: pa.array(v, pa.float32()) for g, v in columns.items()},
+        }
+    )
     con = _duckdb(predictions=table)
     try:
-        kept = _select(con, f"SELECT slide, tile_id FROM predictions WHERE ({where})", "--where", where)
+        kept = _select(con, f"SELECT run_id, tile_id FROM predictions WHERE ({where})", "--where", where)
     finally:
         con.close()
-    pairs = set(zip(kept.column("slide").to_pylist(), kept.column("tile_id").to_pylist()))
-    return rows.filter(pa.array([p in pairs for p in zip(rows.column("slide").to_pylist(), rows.column("tile_id").to_pylist())], pa.bool_()))
+    pairs = set(zip(kept.column("run_id").to_pylist(), kept.column("tile_id").to_pylist()))
+    keys = zip(*(rows.column(c).to_pylist() for c in ("slide", "slide_hash", "embedding_key", "tile_id")))
+    return rows.filter(pa.array([(latest.get((s, h, k)), t) in pairs for s, h, k, t in keys], pa.bool_()))
 
 
 # ---- the search -------------------------------------------------------------------------

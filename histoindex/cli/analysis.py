@@ -30,9 +30,10 @@ from .options import db_option
 @handle_errors
 def sql(statement, db, fmt, out, allow_files):
     """Run one read-only SQL statement (DuckDB) over the store: tables spots, predictions, models,
-    tiles (the indexed slides' tiles, without their embeddings: tiles_embeddings has them; joins
-    predictions USING (slide, tile_id)); views predictions_long and spots_long (one row per gene);
-    and the data files the statement names.
+    tiles (the indexed slides' tiles, without their embeddings: tiles_embeddings has them; each
+    predicted tile is the tiles row of its run: predictions ASOF JOIN tiles USING (slide,
+    slide_hash, model_id, embedding_key, tile_id, created_at)); views predictions_long and
+    spots_long (one row per gene); and the data files the statement names.
 
     Allowed: one SELECT (or WITH …, VALUES, SHOW), DESCRIBE, SUMMARIZE, or EXPLAIN [ANALYZE] of a
     SELECT. Anything else (COPY, ATTACH, CREATE, INSERT, SET, INSTALL, LOAD, PRAGMA, several

@@ -36,7 +36,10 @@ def _position(ctx, param, value):
 @click.option(
     "--slide-where", help="SQL on the slides: slide, slide_path, slide_hash, mpp, created_at, and the manifest's columns stored with each (patient = 'P1')."
 )
-@click.option("--where", help="SQL on each tile's predicted expression, genes as columns (FASN > 2): each slide's latest query by the model.")
+@click.option(
+    "--where",
+    help="SQL on each tile's predicted expression, genes as columns (FASN > 2): the model's latest query of the tiles searched (same file contents and embedding settings).",
+)
 @click.option(
     "--references",
     is_flag=True,

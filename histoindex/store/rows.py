@@ -33,14 +33,19 @@ def prediction_rows(
     created_at: datetime,
     settings: str | None = None,
     genes: Sequence[str] | None = None,
+    slide_hash: str | None = None,
+    embedding_key: str | None = None,
 ) -> pa.Table:
     """Arrow rows for the predictions table (column layout from schemas/predictions.json);
-    ``settings``: the JSON of what shaped the answer (the cohort resume key)."""
+    ``settings``: the JSON of what shaped the answer (the cohort resume key); ``slide_hash`` and
+    ``embedding_key``: which slide bytes were answered and the embedding settings, as the ``tiles``
+    rows of those tiles carry them (None: not known, e.g. a remote slide)."""
     n, n_genes = values.shape
     return pa.table(
         {
             "run_id": [run_id] * n,
             "slide": [slide] * n,
+            "slide_hash": pa.array([slide_hash] * n, pa.string()),
             "tile_id": np.asarray(ids).astype(str),
             "x": xy[:, 0],
             "y": xy[:, 1],
@@ -50,6 +55,7 @@ def prediction_rows(
             "spots_version": np.full(n, spots_version, np.int64),
             "filter": [predicate] * n,
             "k": np.full(n, k, np.int32),
+            "embedding_key": pa.array([embedding_key] * n, pa.string()),
             "settings": pa.array([settings] * n, pa.string()),
             "created_at": pa.array([created_at] * n, pa.timestamp("us", tz="UTC")),
             "expression": pa.ListArray.from_arrays(

@@ -160,19 +160,21 @@ class _Writes(_Tables):
         return self._commit(table, f"the {table} indexes", write)
 
     # ---- predictions --------------------------------------------------------------------
-    def predicted_slides(self, *, model_id: str, spots_version: int) -> dict[str, set[str | None]]:
-        """The slides ``predictions`` holds a run of by this model against this ``spots`` version,
-        each with the ``settings`` of its runs (None for rows written before they were recorded):
-        one scan of two columns, however many slides a cohort asks about."""
+    def predicted_slides(self, *, model_id: str, spots_version: int) -> dict[str, dict[str | None, set[str | None]]]:
+        """The slides ``predictions`` holds a run of by this model against this ``spots`` version:
+        each slide's runs' ``settings`` (None for rows written before they were recorded), each with
+        the ``slide_hash`` of the bytes those runs answered (None: not known, a remote slide or rows
+        written before it was recorded): one scan of three columns, however many slides a cohort asks about."""
         where = f"model_id = {sql_literal(model_id)} AND spots_version = {int(spots_version)}"
         tbl = self.table("predictions")
-        columns = ["slide", "settings"] if "settings" in tbl.schema.names else ["slide"]
+        columns = ["slide"] + [c for c in ("settings", "slide_hash") if c in tbl.schema.names]
         rows = tbl.to_lance().to_table(columns=columns, filter=where).group_by(columns).aggregate([])
         slides = rows.column("slide").to_pylist()
         settings = rows.column("settings").to_pylist() if "settings" in columns else [None] * len(slides)
-        runs: dict[str, set[str | None]] = {}
-        for slide, setting in zip(slides, settings):
-            runs.setdefault(slide, set()).add(setting)
+        hashes = rows.column("slide_hash").to_pylist() if "slide_hash" in columns else [None] * len(slides)
+        runs: dict[str, dict[str | None, set[str | None]]] = {}
+        for slide, setting, digest in zip(slides, settings, hashes):
+            runs.setdefault(slide, {}).setdefault(setting, set()).add(digest)
         return runs
 
     def add_predictions(self, rows: pa.Table | Iterable[pa.RecordBatch]) -> int:
