@@ -5,12 +5,25 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a model hub
+
+if os.environ.get("PYTHONDONTWRITEBYTECODE") and not os.environ.get("PYTHONPYCACHEPREFIX"):
+    # Where bytecode is not written (some sandboxes set PYTHONDONTWRITEBYTECODE and uv installs no
+    # .pyc), this process and every Python process the tests start (the CLI, Ray workers, torchrun
+    # ranks, spawned writers) would compile torch & co. again: ~10 s of CPU each. It is cached in a
+    # folder of its own instead, outside the environment's packages and the repository.
+    _PYCACHE = str(Path(tempfile.gettempdir()) / f"histoindex-tests-pycache-{os.getuid()}")
+    del os.environ["PYTHONDONTWRITEBYTECODE"]
+    os.environ["PYTHONPYCACHEPREFIX"] = _PYCACHE
+    sys.dont_write_bytecode = False
+    sys.pycache_prefix = _PYCACHE
 
 from click.testing import CliRunner  # noqa: E402
 

@@ -5,7 +5,7 @@ version per ingest, and no duplicated rows when two writers race."""
 from __future__ import annotations
 
 import multiprocessing as mp
-import time
+import shutil
 
 import numpy as np
 import polars as pl
@@ -24,13 +24,25 @@ def _rows_per_model(db) -> dict[str, int]:
     return dict(pl.from_arrow(spots).group_by("model_id").len().iter_rows())
 
 
-@pytest.fixture
-def two_model_store(store, sections):
-    """The trained store (model A, dataset 'train') plus a second model B trained into it."""
-    model_a = Store(store).model().model_id
+@pytest.fixture(scope="module")
+def two_models(trained_store, sections, tmp_path_factory):
+    """The trained store (model A, dataset 'train') plus a second model B trained into it, once
+    for the module; tests write to copies (``two_model_store``)."""
+    db = tmp_path_factory.mktemp("two-models") / "db"
+    shutil.copytree(trained_store, db)
+    model_a = Store(db).model().model_id
     assert TRAIN_ARGS[-2:] == ["--seed", "0"]
-    model_b = run("train", sections.train_h5ad, "--db", store, *TRAIN_ARGS[:-1], "1").stdout.strip().splitlines()[-1]
+    model_b = run("train", sections.train_h5ad, "--db", db, *TRAIN_ARGS[:-1], "1").stdout.strip().splitlines()[-1]
     assert model_b != model_a
+    return db, model_a, model_b
+
+
+@pytest.fixture
+def two_model_store(two_models, tmp_path):
+    """A private copy of the store with models A and B."""
+    db, model_a, model_b = two_models
+    store = tmp_path / "db"
+    shutil.copytree(db, store)
     return store, model_a, model_b
 
 
@@ -184,13 +196,12 @@ def _synthetic_rows(n: int, *, model_id: str, dataset: str, seed: int) -> pa.Tab
     )
 
 
-def _write_at(db: str, seed: int, start: float, n: int, queue) -> None:
+def _write_at(db: str, seed: int, start, n: int, queue) -> None:
     from histoindex.errors import StoreError
 
     rows = _synthetic_rows(n, model_id="bleep-m", dataset="d", seed=seed)
     store = Store(db)
-    while time.time() < start:
-        time.sleep(0.001)
+    start.wait(300)  # both writers, rows ready, go at once
     try:
         queue.put(store.write_dataset(rows, model_id="bleep-m", dataset="d"))
     except StoreError as exc:  # the other outcome allowed: a clear "retry", nothing written
@@ -203,7 +214,7 @@ def test_concurrent_first_ingests_of_one_dataset_do_not_duplicate_rows(tmp_path)
     n = 200_000  # large enough that both merges read the empty table before either commits
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    start = time.time() + 8
+    start = ctx.Barrier(2)
     procs = [ctx.Process(target=_write_at, args=(db, seed, start, n, queue)) for seed in (1, 2)]
     for p in procs:
         p.start()
